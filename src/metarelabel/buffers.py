@@ -1,0 +1,172 @@
+"""Per-task transition buffers (SPEC section 2).
+
+One ``TaskBuffers`` holds ring buffers for N tasks in preallocated float32 arrays of shape
+``[N, capacity, dim]``.  ``np.zeros`` reserves the memory lazily (pages are committed by the OS
+as data arrives), so a generous capacity costs nothing until it is used.  Minibatches for M
+tasks are drawn in one gather.
+
+Three instances per run:
+- the RL buffer (never cleared; also keeps each path's start observation),
+- the encoder buffer (``EncoderBuffers``: cleared the first time a task receives a path after
+  ``mark_all_for_clear``),
+- the sampler buffer (original paths of the task being collected; cleared by the trainer when
+  the task is chosen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FIELDS = ("obs", "actions", "rewards", "dense_rewards", "terminals", "next_obs")
+
+
+@dataclass
+class Path:
+    """One trajectory.  Arrays have T rows; ``infos`` holds the family's per-step quantities
+    (``info_spec``) for the hindsight reward; ``task`` is the task it was collected on."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    dense_rewards: np.ndarray
+    terminals: np.ndarray
+    next_obs: np.ndarray
+    success: np.ndarray
+    infos: dict
+    task: int
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def start_obs(self) -> np.ndarray:
+        return self.obs[0]
+
+
+def _dims(obs_dim: int, act_dim: int) -> dict[str, int]:
+    return {"obs": obs_dim, "actions": act_dim, "rewards": 1, "dense_rewards": 1, "terminals": 1, "next_obs": obs_dim}
+
+
+class TaskBuffers:
+    def __init__(self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False):
+        self.num_tasks, self.capacity = int(num_tasks), int(capacity)
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.data = {k: np.zeros((num_tasks, capacity, d), np.float32) for k, d in _dims(obs_dim, act_dim).items()}
+        self.size = np.zeros(num_tasks, np.int64)
+        self.ptr = np.zeros(num_tasks, np.int64)
+        self.store_starts = store_starts
+        if store_starts:
+            self.starts = np.zeros((num_tasks, capacity, obs_dim), np.float32)
+            self.start_size = np.zeros(num_tasks, np.int64)
+            self.start_ptr = np.zeros(num_tasks, np.int64)
+
+    @staticmethod
+    def bytes_needed(num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False) -> int:
+        per = sum(_dims(obs_dim, act_dim).values()) + (obs_dim if store_starts else 0)
+        return 4 * num_tasks * capacity * per
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(a.nbytes for a in self.data.values())
+        return total + (self.starts.nbytes if self.store_starts else 0)
+
+    # ---- writing --------------------------------------------------------------------------
+    def add(self, task: int, transitions: dict[str, np.ndarray], start_obs: np.ndarray | None = None) -> None:
+        """Append T transitions (arrays with T rows) to ``task``'s ring buffer."""
+        n = len(transitions["rewards"])
+        if n == 0:
+            return
+        cap = self.capacity
+        if n > cap:  # only the newest `cap` rows survive anyway
+            transitions = {k: v[-cap:] for k, v in transitions.items()}
+            n = cap
+        idx = (self.ptr[task] + np.arange(n)) % cap
+        for key in FIELDS:
+            self.data[key][task, idx] = np.asarray(transitions[key], np.float32).reshape(n, -1)
+        self.ptr[task] = (self.ptr[task] + n) % cap
+        self.size[task] = min(cap, self.size[task] + n)
+        if self.store_starts and start_obs is not None:
+            self.starts[task, self.start_ptr[task]] = start_obs
+            self.start_ptr[task] = (self.start_ptr[task] + 1) % cap
+            self.start_size[task] = min(cap, self.start_size[task] + 1)
+
+    def add_path(self, task: int, path: Path, with_start: bool = True) -> None:
+        self.add(task, {k: getattr(path, k) for k in FIELDS}, path.start_obs if with_start else None)
+
+    def clear(self, task: int) -> None:
+        self.size[task] = 0
+        self.ptr[task] = 0
+        if self.store_starts:
+            self.start_size[task] = 0
+            self.start_ptr[task] = 0
+
+    # ---- reading ----------------------------------------------------------------------
+    def _check_nonempty(self, tasks: np.ndarray, sizes: np.ndarray, what: str) -> None:
+        if np.any(sizes[tasks] == 0):
+            empty = int(tasks[np.argmax(sizes[tasks] == 0)])
+            raise RuntimeError(f"{what}: task {empty} has no data")
+
+    def sample(self, tasks, n: int, rng: np.random.Generator, keys=FIELDS) -> dict[str, np.ndarray]:
+        """``n`` transitions per task (uniform, with replacement), arrays ``[M, n, dim]``."""
+        tasks = np.asarray(tasks, np.int64)
+        self._check_nonempty(tasks, self.size, "sample")
+        idx = rng.integers(0, self.size[tasks][:, None], size=(len(tasks), n))
+        return {k: self.data[k][tasks[:, None], idx] for k in keys}
+
+    def sample_starts(self, tasks, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` stored start observations per task, ``[M, n, obs_dim]``."""
+        tasks = np.asarray(tasks, np.int64)
+        self._check_nonempty(tasks, self.start_size, "sample_starts")
+        idx = rng.integers(0, self.start_size[tasks][:, None], size=(len(tasks), n))
+        return self.starts[tasks[:, None], idx]
+
+    # ---- state (checkpoints store only the filled part) ------------------------------
+    def state_dict(self) -> dict:
+        filled = int(self.size.max(initial=0))
+        state = {
+            "capacity": self.capacity, "size": self.size.copy(), "ptr": self.ptr.copy(),
+            "data": {k: v[:, :filled].copy() for k, v in self.data.items()},
+        }
+        if self.store_starts:
+            sfilled = int(self.start_size.max(initial=0))
+            state.update(starts=self.starts[:, :sfilled].copy(), start_size=self.start_size.copy(),
+                         start_ptr=self.start_ptr.copy())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(f"buffer capacity {state['capacity']} != {self.capacity}")
+        self.size[:] = state["size"]
+        self.ptr[:] = state["ptr"]
+        for k, v in state["data"].items():
+            self.data[k][:, : v.shape[1]] = v
+        if self.store_starts:
+            self.starts[:, : state["starts"].shape[1]] = state["starts"]
+            self.start_size[:] = state["start_size"]
+            self.start_ptr[:] = state["start_ptr"]
+
+
+class EncoderBuffers(TaskBuffers):
+    """Encoder buffers with clear-on-first-write: after ``mark_all_for_clear`` a task's old
+    context is dropped the first time it receives a new path."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.should_clear = np.zeros(self.num_tasks, bool)
+
+    def mark_all_for_clear(self) -> None:
+        self.should_clear[:] = True
+
+    def add(self, task, transitions, start_obs=None):
+        if self.should_clear[task]:
+            self.clear(task)
+            self.should_clear[task] = False
+        super().add(task, transitions, start_obs)
+
+    def state_dict(self):
+        return {**super().state_dict(), "should_clear": self.should_clear.copy()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.should_clear[:] = state["should_clear"]

@@ -1,0 +1,201 @@
+"""Command-line interface: ``metarelabel {train,resume,eval,envs,config}``.
+
+User mistakes (unknown family/preset/field, bad values, an existing run directory, unreadable
+checkpoints) print one ``error:`` line and exit with status 2; nothing on disk is destroyed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import FIELDS, field_docs, parse_value
+from .errors import MetaRelabelError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip=("family", "preset")) -> None:
+    docs = field_docs()
+    group = p.add_argument_group("config fields (override the preset; `metarelabel config FAMILY` shows values)")
+    for name, f in FIELDS.items():
+        if name in skip:
+            continue
+        tp = f.type if isinstance(f.type, str) else f.type.__name__
+        meta = f.metadata
+        extra = ""
+        if meta.get("choices"):
+            extra = f" {{{','.join(meta['choices'])}}}"
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        kw = dict(dest=f"cfg__{name}", default=None, metavar=tp.upper(), help=docs.get(name, "") + extra)
+        if tp == "bool":
+            kw.update(nargs="?", const="true")
+        group.add_argument(*flags, **kw)
+
+
+def _overrides(args) -> dict:
+    out = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            name = key[5:]
+            out[name] = parse_value(name, value)
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise MetaRelabelError(f"--set expects FIELD=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        out[name] = parse_value(name, value)
+    return out
+
+
+def _progress(mode: str) -> bool:
+    return sys.stderr.isatty() if mode == "auto" else mode == "on"
+
+
+def cmd_train(args) -> int:
+    from .presets import make_config
+    from .trainer import Trainer, prepare_run_dir
+
+    cfg = make_config(args.family, args.preset, _overrides(args))
+    run_dir = Path(args.run_dir or Path(args.runs_root) / f"{cfg.family}-{cfg.preset}-{cfg.relabel}-s{cfg.seed}")
+    trainer = Trainer(cfg, run_dir, progress=_progress(args.progress), tensorboard=not args.no_tensorboard)
+    prepare_run_dir(run_dir, args.overwrite)
+    print(f"run directory: {run_dir}")
+    trainer.start()
+    try:
+        last = trainer.train()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: metarelabel resume {run_dir}", file=sys.stderr)
+        return 130
+    _print_final(last, run_dir)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from .trainer import load_trainer
+
+    trainer, body = load_trainer(args.run_dir, device=args.device, tensorboard=not args.no_tensorboard,
+                                 progress=_progress(args.progress))
+    print(f"resuming {args.run_dir} from iteration {trainer.iteration}")
+    trainer.prepare_resume()
+    try:
+        last = trainer.train()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: metarelabel resume {args.run_dir}", file=sys.stderr)
+        return 130
+    _print_final(last, Path(args.run_dir))
+    return 0
+
+
+def _print_final(last: dict, run_dir: Path) -> None:
+    if "meta_test/return" in last:
+        print(f"done: meta_test/return {last['meta_test/return']:.3f}, "
+              f"meta_test/success_rate {last['meta_test/success_rate']:.3f}; outputs in {run_dir}")
+    else:
+        print(f"done; outputs in {run_dir}")
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, device=args.device, eval_runs=args.eval_runs, seed=args.seed)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        width = max(len(k) for k in metrics)
+        for k, v in metrics.items():
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_envs(args) -> int:
+    from .envs import REGISTRY, family_class
+
+    rows = []
+    for name, entry in REGISTRY.items():
+        try:
+            cls = family_class(name)
+        except MetaRelabelError:
+            rows.append((name, "-", "-", "-", "-", f"(install metarelabel[{entry.extra}])"))
+            continue
+        n_eval = "= train" if cls.eval_is_train else str(cls.num_eval)
+        rows.append((name, str(cls.num_train), n_eval, str(cls.horizon), f"{cls.discount:g}", cls.summary))
+    header = ("family", "train", "eval", "horizon", "gamma", "")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .presets import make_config
+
+    cfg = make_config(args.family, args.preset, _overrides(args))
+    print(cfg.to_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import preset_names
+
+    p = _Parser(prog="metarelabel", description="PEARL meta-RL with trajectory relabeling (HFR, HIPI, random, none).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="meta-train a new run")
+    t.add_argument("family", help="task family (see `metarelabel envs`)")
+    t.add_argument("--preset", default="paper", choices=preset_names(), help="hyperparameter preset (default: paper)")
+    t.add_argument("--run-dir", help="run directory (default: RUNS_ROOT/FAMILY-PRESET-RELABEL-sSEED)")
+    t.add_argument("--runs-root", default="runs", help="parent of default run directories (default: runs)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--progress", default="auto", choices=("auto", "on", "off"), help="progress bar (auto: on a terminal)")
+    t.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    t.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override any config field (repeatable)")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("resume", help="continue a run from its newest good checkpoint")
+    r.add_argument("run_dir")
+    r.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the run's device")
+    r.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
+    r.add_argument("--no-tensorboard", action="store_true")
+    r.set_defaults(func=cmd_resume)
+
+    e = sub.add_parser("eval", help="re-evaluate a saved run with the meta-test protocol")
+    e.add_argument("run_dir")
+    e.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the run's device")
+    e.add_argument("--eval-runs", type=int, help="runs per task (default: the run's eval_runs)")
+    e.add_argument("--seed", type=int, default=12345, help="evaluation seed (default: 12345)")
+    e.add_argument("--json", action="store_true", help="print metrics as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("envs", help="list task families")
+    v.set_defaults(func=cmd_envs)
+
+    c = sub.add_parser("config", help="print the resolved config of a family/preset/overrides")
+    c.add_argument("family")
+    c.add_argument("--preset", default="paper", choices=preset_names())
+    c.add_argument("--set", action="append", metavar="FIELD=VALUE")
+    _add_config_flags(c)
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MetaRelabelError as exc:
+        print(f"metarelabel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The 2-D numpy task families: Four-Corners (HFR's didactic task) and PEARL's point robots.
+
+The agent is a point; an action is a displacement clipped to [-0.1, 0.1] per coordinate and
+the next position is ``position + clipped action`` (no walls).  The reward is computed on the
+position after the step; ``info['pos']`` holds it, and every reward is a function of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gymnasium import spaces
+
+from .base import Infos, TaskFamily
+
+SUCCESS_RADIUS = 0.2
+
+
+class _PointFamily(TaskFamily):
+    info_spec = {"pos": (2,)}
+    horizon = 20
+    discount = 0.90
+
+    def __init__(self, task_seed: int = 0):
+        super().__init__(task_seed)
+        self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.action_space = spaces.Box(-0.1, 0.1, (2,), np.float32)
+        self._pos = np.zeros(2)
+
+    def _start(self) -> np.ndarray:
+        return np.zeros(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._pos = self._start()
+        self._t = 0
+        return self._pos.astype(np.float32), {}
+
+    def step(self, action):
+        delta = np.clip(np.asarray(action, np.float64), -0.1, 0.1)
+        self._pos = self._pos + delta
+        self._t += 1
+        info = {"pos": self._pos.copy()}
+        r, term, success, dense = self._step_reward(info)
+        info["success"] = success
+        info["dense_reward"] = dense
+        truncated = self._t >= self.horizon and not term
+        return self._pos.astype(np.float32), r, term, truncated, info
+
+    def get_state(self):
+        return {**super().get_state(), "pos": self._pos.copy(), "t": self._t}
+
+    def set_state(self, state):
+        super().set_state(state)
+        self._pos = np.array(state["pos"], np.float64)
+        self._t = int(state["t"])
+
+    def _dist(self, infos: Infos, tasks) -> np.ndarray:
+        pos = np.asarray(infos["pos"], np.float64)  # [T, 2]
+        goals = self.tasks[np.asarray(tasks, np.int64)]  # [K, 2]
+        dx = pos[None, :, 0] - goals[:, None, 0]
+        dy = pos[None, :, 1] - goals[:, None, 1]
+        return np.sqrt(dx * dx + dy * dy)  # [K, T]
+
+
+class FourCorners(_PointFamily):
+    """Goals at the four corners; a -3 square on the straight path inside each goal's own
+    quadrant.  Start at (0, 0); success (reward 0, episode ends) within 0.2 of the goal."""
+
+    name = "four-corners"
+    num_train = 4
+    num_eval = 4
+    eval_is_train = True
+    summary = "didactic: 4 corner goals, -3 square in the goal's quadrant, sparse success"
+
+    def make_tasks(self, rng):
+        return np.array([[-1.0, -1.0], [1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])
+
+    def reward(self, infos, tasks):
+        pos = np.asarray(infos["pos"], np.float64)
+        goals = self.tasks[np.asarray(tasks, np.int64)]
+        dist = self._dist(infos, tasks)
+        success = dist <= SUCCESS_RADIUS
+        ax, ay = np.abs(pos[:, 0]), np.abs(pos[:, 1])
+        in_square = (ax > 0.1) & (ax < 0.5) & (ay > 0.1) & (ay < 0.5)  # [T]
+        same_quadrant = (np.sign(pos[None, :, 0]) == np.sign(goals[:, None, 0])) & (
+            np.sign(pos[None, :, 1]) == np.sign(goals[:, None, 1])
+        )
+        penalty = np.where(in_square[None, :] & same_quadrant, -3.0, -1.0)
+        rewards = np.where(success, 0.0, penalty)
+        return rewards, success.copy(), success
+
+
+class PointRobot(_PointFamily):
+    """PEARL's dense point robot: goals uniform in [-1, 1]^2, random start, reward -||p - g||."""
+
+    name = "point-robot"
+    num_train = 80
+    num_eval = 20
+    summary = "PEARL dense point robot: goals in [-1,1]^2, reward -distance"
+
+    def make_tasks(self, rng):
+        return rng.uniform(-1.0, 1.0, size=(self.num_train + self.num_eval, 2))
+
+    def _start(self):
+        return self.np_random.uniform(-1.0, 1.0, size=2)
+
+    def reward(self, infos, tasks):
+        dist = self._dist(infos, tasks)
+        success = dist <= SUCCESS_RADIUS
+        return -dist, np.zeros_like(success), success
+
+
+class SparsePointRobot(_PointFamily):
+    """PEARL's sparse point robot: goals on the upper unit semicircle, start at the origin,
+    reward 1 - ||p - g|| within radius 0.2 of the goal and 0 elsewhere (dense: -||p - g||)."""
+
+    name = "sparse-point-robot"
+    num_train = 80
+    num_eval = 20
+    summary = "PEARL sparse point robot: goals on the unit semicircle, reward only within 0.2"
+
+    def make_tasks(self, rng):
+        angles = np.linspace(0.0, np.pi, self.num_train + self.num_eval)
+        angles = angles[rng.permutation(len(angles))]
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+    def reward(self, infos, tasks):
+        dist = self._dist(infos, tasks)
+        success = dist <= SUCCESS_RADIUS
+        return np.where(success, 1.0 - dist, 0.0), np.zeros_like(success), success
+
+    def dense_reward(self, infos, tasks):
+        return -self._dist(infos, tasks)

@@ -1,0 +1,21 @@
+"""User-facing errors: the CLI prints them in one line and exits non-zero, no traceback."""
+
+
+class MetaRelabelError(Exception):
+    """Base class for errors caused by user input or the run's files, not by a bug."""
+
+
+class ConfigError(MetaRelabelError):
+    """A config field, preset, family or strategy name is invalid."""
+
+
+class CheckpointError(MetaRelabelError):
+    """A checkpoint is missing, unreadable, corrupt or belongs to another run."""
+
+
+class RunDirError(MetaRelabelError):
+    """The run directory cannot be used (exists, unwritable, incomplete)."""
+
+
+class TrainingDiverged(MetaRelabelError):
+    """A loss or utility became NaN/inf; a checkpoint marked as failed was written."""

@@ -1,0 +1,136 @@
+"""Meta-test evaluation protocol (SPEC section 7), named ``pearl-online``.
+
+For each task, ``eval_runs`` times: z is reset to the prior; the deterministic policy is rolled
+out, accumulating context, until ``eval_steps`` transitions are collected.  The first
+``exploration_trajectories`` trajectories use z ~ prior (resampled per trajectory); afterwards z
+is sampled from the posterior inferred from all context collected so far, re-inferred after
+each trajectory.
+
+The evaluator owns its environment instance and its torch generator, so evaluating (or not)
+never changes the random streams of training.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .sampler import path_context, rollout
+
+PROTOCOL = "pearl-online"
+
+
+class Evaluator:
+    def __init__(self, env, agent, cfg, seed: int):
+        self.env, self.agent, self.cfg = env, agent, cfg
+        self.generator = torch.Generator(device=agent.device)
+        self.generator.manual_seed(int(seed))
+        self.env.reset(seed=int(seed))
+        self.num_k = max(1, cfg.eval_steps // cfg.max_path_length)
+
+    def _z_prior(self) -> torch.Tensor:
+        L = self.agent.dims.latent
+        if not self.cfg.use_information_bottleneck:
+            return torch.zeros(1, L, device=self.agent.device)
+        return torch.randn(1, L, generator=self.generator, device=self.agent.device)
+
+    def _z_posterior(self, contexts: list[np.ndarray]) -> torch.Tensor:
+        ctx = torch.as_tensor(np.concatenate(contexts, 0)[None], device=self.agent.device)
+        with torch.no_grad():
+            mu, var = self.agent.infer_posterior(ctx)
+        if not self.cfg.use_information_bottleneck:
+            return mu
+        return mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=mu.device)
+
+    def run_task(self, task: int):
+        """Returns per-trajectory returns and success flags of one run."""
+        cfg = self.cfg
+        reward_key = "dense_rewards" if cfg.context_reward == "dense" else "rewards"
+        self.env.set_task(task)
+        contexts, returns, successes = [], [], []
+        steps = 0
+        while steps < cfg.eval_steps:
+            k = len(returns)
+            z = self._z_prior() if k < cfg.exploration_trajectories else self._z_posterior(contexts)
+            path = rollout(self.env, self.agent, z, cfg.max_path_length, deterministic=True)
+            contexts.append(path_context(path, getattr(path, reward_key), cfg.use_next_obs_in_context))
+            returns.append(float(path.rewards.sum()))
+            successes.append(bool(path.success.any()))
+            steps += len(path)
+        return returns, successes
+
+    def evaluate(self, tasks, prefix: str) -> dict[str, float]:
+        cfg = self.cfg
+        finals, final_success, any_success, n_traj = [], [], [], []
+        by_k = [[] for _ in range(self.num_k)]
+        for task in tasks:
+            for _ in range(cfg.eval_runs):
+                returns, successes = self.run_task(int(task))
+                finals.append(returns[-1])
+                final_success.append(successes[-1])
+                post = successes[cfg.exploration_trajectories:]
+                any_success.append(any(post))
+                n_traj.append(len(returns))
+                for k, r in enumerate(returns[: self.num_k]):
+                    by_k[k].append(r)
+        out = {
+            f"{prefix}/return": float(np.mean(finals)),
+            f"{prefix}/success_rate": float(np.mean(any_success)),
+            f"{prefix}/final_success_rate": float(np.mean(final_success)),
+            f"{prefix}/num_trajectories": float(np.mean(n_traj)),
+        }
+        for k, vals in enumerate(by_k, start=1):
+            out[f"{prefix}/return_by_trajectory_{k}"] = float(np.mean(vals)) if vals else math.nan
+        return out
+
+
+def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = None, seed: int = 12345) -> dict:
+    """Re-evaluate a saved run's newest good checkpoint with the protocol."""
+    import json
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+    from .config import load_config_json
+    from .envs import make_family
+    from .errors import ConfigError, RunDirError
+    from .pearl import PEARL, Dims
+    from .trainer import resolve_device
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise RunDirError(f"{run_dir} is not a metarelabel run directory (no config.json)")
+    cfg = load_config_json(run_dir / "config.json")
+    changes = {}
+    if device is not None:
+        changes["device"] = device
+    if eval_runs is not None:
+        if eval_runs < 1:
+            raise ConfigError("eval_runs: must be >= 1")
+        changes["eval_runs"] = eval_runs
+    if changes:
+        cfg = cfg.replace(**changes)
+    try:
+        run_id = json.loads((run_dir / "run.json").read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError):
+        run_id = None
+    body = ckpt.load_latest(run_dir / "checkpoints", run_id=run_id)
+    torch.set_num_threads(cfg.torch_threads)
+    dev = resolve_device(cfg.device)
+    env = make_family(cfg.family, cfg.task_seed)
+    dims = Dims(int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape)), cfg.latent_dim,
+                cfg.use_next_obs_in_context)
+    agent = PEARL(dims, cfg, dev)
+    try:
+        agent.load_state_dict(body["payload"]["agent"], with_optimizers=False)
+    except (KeyError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(f"checkpoint does not match the run's config ({type(exc).__name__})") from None
+    ev = Evaluator(env, agent, cfg, seed=seed)
+    out: dict = {"iteration": int(body["iteration"]), "env_steps": int(body["payload"]["env_steps"]),
+                 "protocol": PROTOCOL}
+    out.update(ev.evaluate(env.eval_tasks, "meta_test"))
+    n = len(env.train_tasks)
+    k = min(cfg.num_eval_train_tasks, n)
+    if k:
+        out.update(ev.evaluate(np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)), "meta_train"))
+    return out

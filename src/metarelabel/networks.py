@@ -1,0 +1,104 @@
+"""Networks of PEARL: MLPs, twin critics evaluated as one batched network, a tanh-Gaussian
+policy and the context encoder.  Initialisation follows PEARL/rlkit: hidden weights
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), hidden biases 0.1, output layer U(-3e-3, 3e-3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+_LOG2 = math.log(2.0)
+
+
+def _init_hidden_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.constant_(bias, 0.1)
+
+
+def _init_last_(weight: torch.Tensor, bias: torch.Tensor, w: float = 3e-3) -> None:
+    nn.init.uniform_(weight, -w, w)
+    nn.init.uniform_(bias, -w, w)
+
+
+class MLP(nn.Module):
+    """``layers`` hidden ReLU layers of width ``hidden``, then a linear output."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, out_dim: int):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = nn.Linear(dims[-1], out_dim)
+        for lin in self.hidden:
+            _init_hidden_(lin.weight, lin.bias, lin.in_features)
+        _init_last_(self.out.weight, self.out.bias)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        for lin in self.hidden:
+            x = F.relu(lin(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.trunk(x))
+
+
+class TwinQ(nn.Module):
+    """Two independent Q networks stored as stacked weights ``[2, in, out]`` and evaluated
+    with one batched matmul per layer.  ``forward(x)`` returns ``[2, n]``."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, n_heads: int = 2):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers + [1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            w = torch.empty(n_heads, a, b)
+            bias = torch.empty(n_heads, 1, b)
+            for h in range(n_heads):
+                if i < len(dims) - 2:
+                    _init_hidden_(w[h], bias[h], a)
+                else:
+                    _init_last_(w[h], bias[h])
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(bias))
+        self.n_heads = n_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.unsqueeze(0).expand(self.n_heads, *x.shape)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w)
+            if i < last:
+                h = F.relu(h)
+        return h.squeeze(-1)
+
+
+class TanhGaussianPolicy(nn.Module):
+    """pi(a | s, z) = tanh(N(mean, exp(log_std)^2)), log-std clamped to [-20, 2]."""
+
+    def __init__(self, in_dim: int, act_dim: int, hidden: int, layers: int):
+        super().__init__()
+        self.net = MLP(in_dim, hidden, layers, act_dim)  # .out is the mean head
+        self.log_std = nn.Linear(hidden, act_dim)
+        _init_last_(self.log_std.weight, self.log_std.bias)
+
+    def forward(self, x: torch.Tensor, deterministic: bool = False):
+        """Action, log pi(action), mean, log_std.  Sampling is reparameterised."""
+        h = self.net.trunk(x)
+        mean = self.net.out(h)
+        log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        if deterministic:
+            return torch.tanh(mean), None, mean, log_std
+        std = log_std.exp()
+        u = mean + std * torch.randn_like(mean)
+        # log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable form
+        log_prob = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob, mean, log_std
+
+
+class ContextEncoder(MLP):
+    """Maps each context transition to (mu_n, sigma^2_n-preactivation): ``2 * latent`` outputs."""

@@ -1,0 +1,96 @@
+"""Named presets per task family.
+
+``paper`` holds the hyperparameters of the HFR paper (SPEC section 6; point robots follow
+PEARL).  ``quick`` is a small variant that finishes in well under 3 minutes on 2 CPU cores:
+for demos, smoke tests and CI, not for results.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import FIELDS, Config, build_config
+from .errors import ConfigError
+
+_COMMON = dict(
+    latent_dim=5, hidden_dim=300, hidden_layers=3, encoder_hidden_dim=200, encoder_layers=3,
+    batch_size=256, lr=3e-4, soft_target_tau=0.005, use_information_bottleneck=True,
+    replay_buffer_size=1_000_000, keep_original_prob=0.5, num_train_steps_per_itr=1000,
+    log_z_samples=20,
+)
+
+PAPER: dict[str, dict[str, Any]] = {
+    "four-corners": dict(
+        num_iterations=300, max_path_length=20, discount=0.90, num_initial_steps=200,
+        num_tasks_sample=10, num_steps_prior=100, num_steps_posterior=900,
+        num_extra_rl_steps_posterior=0, meta_batch=8, embedding_batch_size=1024,
+        utility_batch_size=1024, reward_scale=100.0, kl_lambda=1.0, eval_runs=2,
+        eval_steps=400, exploration_trajectories=5, num_eval_train_tasks=4,
+    ),
+    "point-robot": dict(
+        num_iterations=500, max_path_length=20, discount=0.90, num_initial_steps=200,
+        num_tasks_sample=5, num_steps_prior=200, num_steps_posterior=0,
+        num_extra_rl_steps_posterior=200, meta_batch=16, embedding_batch_size=100,
+        utility_batch_size=256, reward_scale=100.0, kl_lambda=0.1, eval_runs=2,
+        eval_steps=60, exploration_trajectories=2, num_eval_train_tasks=5,
+    ),
+    "sparse-point-robot": dict(
+        num_iterations=500, max_path_length=20, discount=0.90, num_initial_steps=200,
+        num_tasks_sample=10, num_steps_prior=100, num_steps_posterior=900,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=1024,
+        utility_batch_size=256, reward_scale=100.0, kl_lambda=1.0, eval_runs=2,
+        eval_steps=400, exploration_trajectories=5, num_eval_train_tasks=5,
+        context_reward="true", rl_reward="true",
+    ),
+}
+
+# Small networks, few iterations: a run takes well under a minute on 2 cores.
+_QUICK = dict(
+    num_iterations=10, hidden_dim=64, encoder_hidden_dim=64, batch_size=64, meta_batch=4,
+    embedding_batch_size=64, utility_batch_size=64, num_train_steps_per_itr=50,
+    num_tasks_sample=4, num_initial_steps=40, eval_runs=1, num_eval_train_tasks=2,
+    checkpoint_every=5, log_z_samples=8,
+)
+QUICK: dict[str, dict[str, Any]] = {
+    "four-corners": dict(_QUICK, num_steps_prior=20, num_steps_posterior=40, eval_steps=100,
+                         exploration_trajectories=2),
+    "point-robot": dict(_QUICK, num_steps_prior=40, num_steps_posterior=0,
+                        num_extra_rl_steps_posterior=40, eval_steps=60, exploration_trajectories=1),
+    "sparse-point-robot": dict(_QUICK, num_steps_prior=20, num_steps_posterior=40, eval_steps=100,
+                               exploration_trajectories=2),
+}
+
+PRESETS = {"paper": PAPER, "quick": QUICK}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_values(family: str, preset: str) -> dict[str, Any]:
+    from .envs import REGISTRY
+
+    if family not in REGISTRY:
+        raise ConfigError(f"unknown task family {family!r}; choose from: {', '.join(REGISTRY)}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    table = PRESETS[preset]
+    if family not in table:
+        raise ConfigError(f"preset {preset!r} has no entry for family {family!r}")
+    base = dict(_COMMON)
+    if preset != "paper":
+        base.update(PAPER.get(family, {}))
+    base.update(table[family])
+    base.update(family=family, preset=preset)
+    return base
+
+
+def make_config(family: str, preset: str = "paper", overrides: dict[str, Any] | None = None) -> Config:
+    """Config for ``family`` from ``preset`` with ``overrides`` applied and validated."""
+    overrides = dict(overrides or {})
+    for key in ("family", "preset"):
+        if key in overrides:
+            raise ConfigError(f"{key}: set it with the positional argument / --preset, not as an override")
+    for key in overrides:
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config field {key!r}")
+    return build_config(preset_values(family, preset), overrides)

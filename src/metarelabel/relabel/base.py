@@ -1,0 +1,128 @@
+"""The relabeling interface (SPEC section 4).
+
+After every batch of collected paths the trainer calls ``Relabeler.assign(paths)``; it returns,
+for each path, the task each transition is filed under (an int array of the path's length; a
+constant array for whole-path strategies).  The trainer then recomputes rewards, terminals and
+success under the assigned task from the stored per-step info and writes the path to that task's
+RL (and, when the phase feeds it, encoder) buffer; the sampler buffer always keeps the original.
+
+Strategies talk to the learner only through a small protocol (``Learner`` below), so they work
+with any off-policy meta-RL learner that implements it.  PEARL does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from ..buffers import Path, TaskBuffers
+
+
+class Learner(Protocol):
+    device: torch.device
+
+    def infer_posterior(self, context: torch.Tensor, mask: torch.Tensor | None = None): ...
+
+    def sample_z(self, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor: ...
+
+    def start_state_value(self, starts: torch.Tensor, z: torch.Tensor) -> torch.Tensor: ...
+
+    def td_error(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class RelabelContext:
+    """Everything a strategy may use."""
+
+    cfg: Any
+    family: Any
+    learner: Learner
+    rl_buffers: TaskBuffers
+    enc_buffers: TaskBuffers
+    sampler_buffers: TaskBuffers
+    rng: np.random.Generator
+    num_tasks: int
+    extras: dict = field(default_factory=dict)
+
+
+class Relabeler:
+    """Base class: the keep-original coin, bookkeeping and diagnostics.  Subclasses implement
+    ``choose`` (and, when they normalise by a partition function, ``update_log_z``)."""
+
+    name: ClassVar[str] = ""
+    #: flip the keep-original coin per batch of paths (Random does not)
+    uses_keep_original: ClassVar[bool] = True
+
+    def __init__(self, ctx: RelabelContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        n = ctx.num_tasks
+        self.matrix = np.zeros((n, n), np.float64)
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.stats: dict[str, list] = {"paths": [0], "moved": [0.0], "transitions": [0]}
+        self.values: dict[str, list[np.ndarray]] = {}
+
+    def _record(self, key: str, value) -> None:
+        self.values.setdefault(key, []).append(np.asarray(value, np.float64).ravel())
+
+    # ---- main entry ---------------------------------------------------------------------------
+    def assign(self, paths: list[Path]) -> list[np.ndarray]:
+        if not paths:
+            return []
+        keep = self.uses_keep_original and self.ctx.rng.random() < self.cfg.keep_original_prob
+        if keep:
+            out = [np.full(len(p), p.task, np.int64) for p in paths]
+        else:
+            out = [np.asarray(a, np.int64) for a in self.choose(paths)]
+        for p, a in zip(paths, out):
+            np.add.at(self.matrix[p.task], a, 1.0 / len(p))
+            self.stats["paths"][0] += 1
+            self.stats["transitions"][0] += len(p)
+            self.stats["moved"][0] += float(np.sum(a != p.task))
+        return out
+
+    def choose(self, paths: list[Path]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def update_log_z(self) -> None:
+        """Recompute the partition function (once per iteration, after collection)."""
+
+    # ---- diagnostics ----------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, float]:
+        """Per-iteration summary; resets the accumulators (not the matrix)."""
+        total = max(self.stats["transitions"][0], 1)
+        out = {"relabel/fraction_relabeled": self.stats["moved"][0] / total,
+               "relabel/paths": float(self.stats["paths"][0])}
+        for key, chunks in self.values.items():
+            v = np.concatenate(chunks) if chunks else np.zeros(0)
+            if v.size:
+                out[f"relabel/{key}_mean"] = float(v.mean())
+                out[f"relabel/{key}_min"] = float(v.min())
+                out[f"relabel/{key}_max"] = float(v.max())
+        self._reset_stats()
+        return out
+
+    def take_matrix(self) -> np.ndarray:
+        """Original -> assigned task counts (paths; a per-transition split counts fractions)
+        since the last call."""
+        m = self.matrix.copy()
+        self.matrix[:] = 0.0
+        return m
+
+    def state_dict(self) -> dict:
+        return {"matrix": self.matrix.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.matrix[:] = np.asarray(state["matrix"])
+
+
+REGISTRY: dict[str, type[Relabeler]] = {}
+
+
+def register(cls: type[Relabeler]) -> type[Relabeler]:
+    REGISTRY[cls.name] = cls
+    return cls

@@ -1,0 +1,440 @@
+"""The meta-training loop (SPEC section 3) and everything a run owns: environment, agent,
+buffers, relabeler, evaluator, logger, checkpoints.
+
+    iteration 0: for every train task collect num_initial_steps with z ~ prior (no relabeling)
+    each iteration:
+      num_tasks_sample times: pick a train task, clear its sampler buffer, then
+        prior phase (z ~ prior per trajectory), posterior phase (z re-inferred from the
+        sampler buffer after each trajectory), extra-RL phase (posterior, RL buffer only);
+        every batch of collected paths goes through the relabeler into the buffers
+      mark all encoder buffers clear-on-next-write; recompute log Z
+      num_train_steps_per_itr gradient steps; meta-test evaluation; log; checkpoint
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path as FsPath
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .buffers import FIELDS, EncoderBuffers, Path, TaskBuffers
+from .config import Config
+from .envs import make_family
+from .errors import CheckpointError, RunDirError, TrainingDiverged
+from .evaluation import PROTOCOL, Evaluator
+from .logger import Logger, summary_line, truncate_csv
+from .pearl import PEARL, Dims
+from .relabel import RelabelContext, make_relabeler
+from .sampler import context_from, rollout
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("device: cuda requested but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def capacities(cfg: Config, num_tasks: int) -> dict[str, int]:
+    """Buffer capacities: the RL buffer holds at most what the whole run can collect (any one
+    task may receive every path); the encoder and sampler buffers one iteration's worth."""
+    H = cfg.max_path_length
+    per_task_visit = cfg.num_steps_prior + cfg.num_steps_posterior + cfg.num_extra_rl_steps_posterior + 3 * H
+    total = (cfg.num_initial_steps + H) * num_tasks + cfg.num_iterations * cfg.num_tasks_sample * per_task_visit
+    rl = min(cfg.replay_buffer_size, total)
+    enc = min(rl, max(cfg.num_initial_steps + H, cfg.num_tasks_sample * (cfg.num_steps_prior + cfg.num_steps_posterior + 2 * H)))
+    smp = min(rl, max(cfg.num_initial_steps + H, per_task_visit))
+    return {"rl": rl, "encoder": enc, "sampler": smp}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def prepare_run_dir(run_dir, overwrite: bool) -> FsPath:
+    """Create a fresh run directory; an existing non-empty one is refused unless ``overwrite``
+    (and then only if it looks like a run directory)."""
+    run_dir = FsPath(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run directory {run_dir} already exists (use --overwrite, `metarelabel resume`, or another --run-dir)")
+        if not (run_dir / "config.json").exists():
+            raise RunDirError(f"refusing to overwrite {run_dir}: it is not a metarelabel run directory")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"cannot write to run directory {run_dir}: {exc.strerror}") from None
+    return run_dir
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir, echo=print, progress: bool = False, tensorboard: bool = True):
+        self.cfg, self.echo, self.progress = cfg, echo, progress
+        self.run_dir = FsPath(run_dir)
+        torch.set_num_threads(cfg.torch_threads)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+
+        self.env = make_family(cfg.family, cfg.task_seed)
+        self.env.reset(seed=cfg.seed)
+        self.train_tasks = np.asarray(self.env.train_tasks)
+        self.eval_tasks = np.asarray(self.env.eval_tasks)
+        n = len(self.train_tasks)
+        assert np.array_equal(self.train_tasks, np.arange(n)), "train tasks must be the first N tasks"
+        self.num_tasks = n
+
+        obs_dim = int(np.prod(self.env.observation_space.shape))
+        act_dim = int(np.prod(self.env.action_space.shape))
+        self.dims = Dims(obs_dim, act_dim, cfg.latent_dim, cfg.use_next_obs_in_context)
+        self.agent = PEARL(self.dims, cfg, self.device)
+
+        self.caps = capacities(cfg, n)
+        self.rl_buf = TaskBuffers(n, self.caps["rl"], obs_dim, act_dim, store_starts=True)
+        self.enc_buf = EncoderBuffers(n, self.caps["encoder"], obs_dim, act_dim)
+        self.smp_buf = TaskBuffers(n, self.caps["sampler"], obs_dim, act_dim)
+        self.ctx_key = "dense_rewards" if cfg.context_reward == "dense" else "rewards"
+        self.rl_key = "dense_rewards" if cfg.rl_reward == "dense" else "rewards"
+
+        self.relabeler = make_relabeler(cfg.relabel, RelabelContext(
+            cfg=cfg, family=self.env, learner=self.agent, rl_buffers=self.rl_buf, enc_buffers=self.enc_buf,
+            sampler_buffers=self.smp_buf, rng=self.rng, num_tasks=n))
+
+        eval_env = make_family(cfg.family, cfg.task_seed)
+        self.evaluator = Evaluator(eval_env, self.agent, cfg, seed=cfg.seed + 100_003)
+        k = min(cfg.num_eval_train_tasks, n)
+        self.eval_train_tasks = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)) if k else np.zeros(0, np.int64)
+
+        self.iteration = 0  # completed meta-training iterations
+        self.env_steps = 0
+        self.initial_done = False
+        self.run_id = uuid.uuid4().hex
+        self.logger: Logger | None = None
+        self._tensorboard = tensorboard
+        self._timers: dict[str, float] = {}
+
+    # ---- setup / output -------------------------------------------------------------------------
+    def memory_estimate(self) -> str:
+        bufs = (self.rl_buf, self.enc_buf, self.smp_buf)
+        reserved = sum(b.nbytes for b in bufs)
+        return (f"buffers: {self.num_tasks} tasks x (RL {self.caps['rl']:,} + encoder {self.caps['encoder']:,} + "
+                f"sampler {self.caps['sampler']:,}) transitions, float32: {_fmt_bytes(reserved)} reserved "
+                f"(committed as data arrives)")
+
+    def start(self) -> None:
+        """Write config and run metadata into a fresh run directory."""
+        (self.run_dir / "config.json").write_text(self.cfg.to_json() + "\n")
+        meta = {"run_id": self.run_id, "protocol": PROTOCOL, "device": str(self.device),
+                "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self._open_logger()
+
+    def _open_logger(self, purge_step: int | None = None) -> None:
+        self.logger = Logger(self.run_dir, tensorboard=self._tensorboard, purge_step=purge_step)
+
+    def prepare_resume(self) -> None:
+        """Drop output rows written after the checkpoint, so the continued run adds each
+        iteration exactly once to progress.csv, TensorBoard and the relabel matrix."""
+        truncate_csv(self.run_dir / "progress.csv", "iteration", self.iteration)
+        truncate_csv(self.run_dir / "relabel_matrix.csv", "iteration", self.iteration)
+        self._open_logger(purge_step=self.env_steps + 1)
+
+    # ---- collection -------------------------------------------------------------------------------
+    def _tic(self) -> float:
+        return time.perf_counter()
+
+    def _add_time(self, key: str, t0: float) -> None:
+        self._timers[key] = self._timers.get(key, 0.0) + time.perf_counter() - t0
+
+    def _posterior_z(self, task: int) -> torch.Tensor:
+        batch = self.smp_buf.sample([task], self.cfg.embedding_batch_size, self.rng,
+                                    keys=("obs", "actions", self.ctx_key, "next_obs"))
+        ctx = torch.as_tensor(context_from(batch, self.ctx_key, self.cfg.use_next_obs_in_context), device=self.device)
+        with torch.no_grad():
+            mu, var = self.agent.infer_posterior(ctx)
+            return self.agent.sample_z(mu, var)
+
+    def collect(self, task: int, num_steps: int, posterior: bool, feeds_encoder: bool, relabel: bool = True) -> int:
+        """Collect about ``num_steps`` steps (whole trajectories) on ``task``."""
+        cfg = self.cfg
+        self.env.set_task(task)
+        steps = 0
+        if not posterior:
+            paths = []
+            while steps < num_steps:
+                paths.append(rollout(self.env, self.agent, self.agent.prior_z(), cfg.max_path_length))
+                steps += len(paths[-1])
+            self.store(paths, feeds_encoder, relabel)
+        else:
+            z = self.agent.prior_z()  # like PEARL, each phase starts from the prior
+            while steps < num_steps:
+                path = rollout(self.env, self.agent, z, cfg.max_path_length)
+                steps += len(path)
+                self.store([path], feeds_encoder, relabel)
+                z = self._posterior_z(task)
+        self.env_steps += steps
+        return steps
+
+    def store(self, paths: list[Path], feeds_encoder: bool, relabel: bool = True) -> None:
+        """File a batch of collected paths: originals to the sampler buffer, then each path (or
+        transition) to the task the relabeler assigns."""
+        for p in paths:
+            self.smp_buf.add_path(p.task, p, with_start=False)
+        t0 = self._tic()
+        if relabel:
+            assignments = self.relabeler.assign(paths)
+        else:
+            assignments = [np.full(len(p), p.task, np.int64) for p in paths]
+        for p, a in zip(paths, assignments):
+            self._file(p, a, feeds_encoder)
+        self._add_time("relabel", t0)
+
+    def relabeled_path(self, path: Path, task: int, truncate: bool = True) -> Path:
+        """``path`` with rewards, terminals and success recomputed under ``task``; with
+        ``truncate`` it ends at its first terminal under that task."""
+        r, d, s = self.env.reward(path.infos, [task])
+        dense = self.env.dense_reward(path.infos, [task])
+        r, d, s, dense = r[0], d[0], s[0], dense[0]
+        T = len(path)
+        if truncate and d.any():
+            T = int(np.argmax(d)) + 1
+        return Path(obs=path.obs[:T], actions=path.actions[:T], rewards=r[:T], dense_rewards=dense[:T],
+                    terminals=d[:T], next_obs=path.next_obs[:T], success=s[:T],
+                    infos={k: v[:T] for k, v in path.infos.items()}, task=int(task))
+
+    def _file(self, path: Path, assigned: np.ndarray, feeds_encoder: bool) -> None:
+        if np.all(assigned == assigned[0]):
+            k = int(assigned[0])
+            q = path if k == path.task else self.relabeled_path(path, k)
+            self.rl_buf.add_path(k, q, with_start=True)
+            if feeds_encoder:
+                self.enc_buf.add_path(k, q, with_start=False)
+            return
+        for k in np.unique(assigned):  # per-transition assignment: no start state stored
+            sel = assigned == k
+            q = self.relabeled_path(path, int(k), truncate=False)
+            rows = {f: getattr(q, f)[sel] for f in FIELDS}
+            self.rl_buf.add(int(k), rows)
+            if feeds_encoder:
+                self.enc_buf.add(int(k), rows)
+
+    def initial_collection(self) -> None:
+        for task in self.train_tasks:
+            self.collect(int(task), self.cfg.num_initial_steps, posterior=False, feeds_encoder=True, relabel=False)
+        self.enc_buf.mark_all_for_clear()
+        self.initial_done = True
+
+    def collect_iteration(self) -> None:
+        cfg = self.cfg
+        for _ in range(cfg.num_tasks_sample):
+            task = int(self.rng.integers(self.num_tasks))
+            self.smp_buf.clear(task)
+            if cfg.num_steps_prior > 0:
+                self.collect(task, cfg.num_steps_prior, posterior=False, feeds_encoder=True)
+            if cfg.num_steps_posterior > 0:
+                self.collect(task, cfg.num_steps_posterior, posterior=True, feeds_encoder=True)
+            if cfg.num_extra_rl_steps_posterior > 0:
+                self.collect(task, cfg.num_extra_rl_steps_posterior, posterior=True, feeds_encoder=False)
+        self.enc_buf.mark_all_for_clear()
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def sample_training_batch(self):
+        cfg = self.cfg
+        tasks = self.rng.integers(0, self.num_tasks, size=cfg.meta_batch)
+        b = self.rl_buf.sample(tasks, cfg.batch_size, self.rng,
+                               keys=("obs", "actions", self.rl_key, "next_obs", "terminals"))
+        c = self.enc_buf.sample(tasks, cfg.embedding_batch_size, self.rng,
+                                keys=("obs", "actions", self.ctx_key, "next_obs"))
+        dev = self.device
+        batch = {"obs": b["obs"], "actions": b["actions"], "rewards": b[self.rl_key],
+                 "next_obs": b["next_obs"], "terminals": b["terminals"]}
+        batch = {k: torch.as_tensor(v, device=dev) for k, v in batch.items()}
+        context = torch.as_tensor(context_from(c, self.ctx_key, cfg.use_next_obs_in_context), device=dev)
+        return batch, context
+
+    def train_steps(self, n: int) -> dict[str, float]:
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(n):
+            batch, context = self.sample_training_batch()
+            out = self.agent.update(batch, context)
+            for k, v in out.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+        return {k: float(v) / max(n, 1) for k, v in sums.items()}
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def run_iteration(self) -> dict[str, float]:
+        cfg = self.cfg
+        it = self.iteration + 1
+        self._timers = {}
+        t_start = self._tic()
+        t0 = self._tic()
+        self.collect_iteration()
+        collect_total = time.perf_counter() - t0
+        t0 = self._tic()
+        self.relabeler.update_log_z()
+        self._add_time("log_z", t0)
+        t0 = self._tic()
+        losses = self.train_steps(cfg.num_train_steps_per_itr)
+        train_s = time.perf_counter() - t0
+        self._check_finite(losses, it)
+        row: dict[str, float] = {"iteration": it, "env_steps": self.env_steps}
+        row.update(losses)
+        row.update(self.relabeler.diagnostics())
+        self._write_matrix(it)
+        t0 = self._tic()
+        if it % cfg.eval_every == 0 or it == cfg.num_iterations:
+            row.update(self.evaluator.evaluate(self.eval_tasks, "meta_test"))
+            if len(self.eval_train_tasks):
+                row.update(self.evaluator.evaluate(self.eval_train_tasks, "meta_train"))
+        eval_s = time.perf_counter() - t0
+        relabel_s = self._timers.get("relabel", 0.0)
+        row.update({
+            "time/collect_s": collect_total - relabel_s,
+            "time/relabel_s": relabel_s,
+            "time/log_z_s": self._timers.get("log_z", 0.0),
+            "time/train_s": train_s,
+            "time/grad_steps_per_s": cfg.num_train_steps_per_itr / train_s if train_s > 0 else math.nan,
+            "time/eval_s": eval_s,
+            "time/iteration_s": time.perf_counter() - t_start,
+        })
+        self.iteration = it
+        return row
+
+    def _check_finite(self, losses: dict[str, float], it: int) -> None:
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            path = self.save_checkpoint(failed=True, iteration=it)
+            raise TrainingDiverged(
+                f"{bad[0]} became {losses[bad[0]]} at iteration {it}; stopped and saved {path} (marked failed). "
+                "Try a smaller lr or reward_scale.")
+
+    def _write_matrix(self, it: int) -> None:
+        m = self.relabeler.take_matrix()
+        path = self.run_dir / "relabel_matrix.csv"
+        new = not path.exists()
+        with open(path, "a") as fh:
+            if new:
+                fh.write("iteration,original,assigned,paths\n")
+            for i, j in zip(*np.nonzero(m)):
+                fh.write(f"{it},{i},{j},{m[i, j]!r}\n")
+
+    def train(self) -> dict[str, float]:
+        """Run (or continue) meta-training to ``num_iterations``; returns the last row."""
+        cfg = self.cfg
+        self.echo(self.memory_estimate())
+        if not self.initial_done:
+            t0 = self._tic()
+            self.initial_collection()
+            self.echo(f"initial collection: {self.env_steps:,} steps in {time.perf_counter() - t0:.1f}s")
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.num_iterations, initial=self.iteration, unit="it", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        try:
+            while self.iteration < cfg.num_iterations:
+                row = self.run_iteration()
+                self.logger.record_dict(row)
+                last = self.logger.dump(self.env_steps)
+                line = summary_line(self.iteration, cfg.num_iterations, last)
+                if bar is not None:
+                    bar.update(1)
+                    bar.write(line)
+                else:
+                    self.echo(line)
+                due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+                if due or self.iteration == cfg.num_iterations:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        return last
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+               "env": self.env.get_state(), "eval_env": self.evaluator.env.get_state(),
+               "eval_torch": self.evaluator.generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": self.cfg.to_dict(), "iteration": self.iteration, "env_steps": self.env_steps,
+            "initial_done": self.initial_done, "agent": self.agent.state_dict(),
+            "buffers": {"rl": self.rl_buf.state_dict(), "encoder": self.enc_buf.state_dict(),
+                        "sampler": self.smp_buf.state_dict()},
+            "relabeler": self.relabeler.state_dict(), "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.agent.load_state_dict(state["agent"])
+        for name, buf in (("rl", self.rl_buf), ("encoder", self.enc_buf), ("sampler", self.smp_buf)):
+            buf.load_state_dict(ckpt.to_numpy(state["buffers"][name]))
+        self.relabeler.load_state_dict(ckpt.to_numpy(state["relabeler"]))
+        rng = state["rng"]
+        self.rng.bit_generator.state = rng["numpy"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.env.set_state(ckpt.to_numpy(rng["env"]))
+        self.evaluator.env.set_state(ckpt.to_numpy(rng["eval_env"]))
+        self.evaluator.generator.set_state(rng["eval_torch"])
+        self.iteration = int(state["iteration"])
+        self.env_steps = int(state["env_steps"])
+        self.initial_done = bool(state["initial_done"])
+
+    def save_checkpoint(self, failed: bool = False, iteration: int | None = None) -> FsPath:
+        it = self.iteration if iteration is None else iteration
+        try:
+            return ckpt.save(self.run_dir / "checkpoints", it, self.state_dict(), self.cfg.keep_checkpoints,
+                             self.run_id, failed=failed)
+        except OSError as exc:
+            raise RunDirError(f"cannot write checkpoint for iteration {it}: {exc.strerror}; "
+                              "the previous checkpoint is intact") from None
+
+
+def load_trainer(run_dir, echo=print, device: str | None = None, tensorboard: bool = False,
+                 progress: bool = False) -> tuple[Trainer, dict]:
+    """Rebuild a run's trainer from its directory and newest good checkpoint."""
+    from .config import load_config_json
+
+    run_dir = FsPath(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise RunDirError(f"{run_dir} is not a metarelabel run directory (no config.json)")
+    cfg = load_config_json(run_dir / "config.json")
+    if device is not None:
+        cfg = cfg.replace(device=device)
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RunDirError(f"{run_dir}/run.json is missing or unreadable") from None
+    body = ckpt.load_latest(run_dir / "checkpoints", run_id=meta.get("run_id"), warn=echo)
+    trainer = Trainer(cfg, run_dir, echo=echo, progress=progress, tensorboard=tensorboard)
+    trainer.run_id = meta["run_id"]
+    try:
+        trainer.load_state_dict(body["payload"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint does not match this run's config ({type(exc).__name__}: {exc})") from None
+    return trainer, body
