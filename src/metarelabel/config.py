@@ -160,10 +160,8 @@ class Config:
             raise ConfigError(
                 f"eval_steps: {self.eval_steps} is shorter than one trajectory (max_path_length={self.max_path_length})"
             )
-        if self.checkpoint_every > self.num_iterations:
-            raise ConfigError(
-                f"checkpoint_every: {self.checkpoint_every} exceeds num_iterations={self.num_iterations}"
-            )
+        if self.learned_reward and self.relabel not in ("hfr", "hfr-bellman"):
+            raise ConfigError(f"learned_reward: only hfr and hfr-bellman build relabeling contexts (relabel={self.relabel})")
 
 
 def _type_name(tp) -> str:

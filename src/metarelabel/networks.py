@@ -85,15 +85,16 @@ class TanhGaussianPolicy(nn.Module):
         self.log_std = nn.Linear(hidden, act_dim)
         _init_last_(self.log_std.weight, self.log_std.bias)
 
-    def forward(self, x: torch.Tensor, deterministic: bool = False):
-        """Action, log pi(action), mean, log_std.  Sampling is reparameterised."""
+    def forward(self, x: torch.Tensor, deterministic: bool = False, eps: torch.Tensor | None = None):
+        """Action, log pi(action), mean, log_std.  Sampling is reparameterised; ``eps`` (standard
+        normal noise of the action's shape) may be given to make the draw explicit."""
         h = self.net.trunk(x)
         mean = self.net.out(h)
         log_std = self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
         if deterministic:
             return torch.tanh(mean), None, mean, log_std
         std = log_std.exp()
-        u = mean + std * torch.randn_like(mean)
+        u = mean + std * (torch.randn_like(mean) if eps is None else eps)
         # log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable form
         log_prob = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)

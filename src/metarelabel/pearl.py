@@ -92,10 +92,11 @@ class PEARL:
             return mu, torch.zeros_like(mu)
         return product_of_gaussians(out[..., :L], F.softplus(out[..., L:]), mask)
 
-    def sample_z(self, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    def sample_z(self, mu: torch.Tensor, var: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z ~ N(mu, var) by reparameterisation (``eps``: explicit standard normal noise)."""
         if not self.cfg.use_information_bottleneck:
             return mu
-        return mu + var.sqrt() * torch.randn_like(mu)
+        return mu + var.sqrt() * (torch.randn_like(mu) if eps is None else eps)
 
     def prior_z(self, n: int = 1) -> torch.Tensor:
         if not self.cfg.use_information_bottleneck:
@@ -111,13 +112,14 @@ class PEARL:
 
     # ---- learner protocol for relabeling ------------------------------------------------
     @torch.no_grad()
-    def start_state_value(self, starts: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def start_state_value(self, starts: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """mean_b min_k Q_k(s_b, a~_b, z) with a~_b ~ pi(. | s_b, z): ``[K]`` from starts
-        ``[K, B, obs]`` and z ``[K, L]`` (one forward pass of policy and twin critic)."""
+        ``[K, B, obs]`` and z ``[K, L]`` (one forward pass of policy and twin critic).
+        ``eps`` ``[K, B, act]``: explicit policy noise."""
         K, B, _ = starts.shape
         zb = z.unsqueeze(1).expand(K, B, z.shape[-1])
         sz = torch.cat([starts, zb], -1).reshape(K * B, -1)
-        action = self.policy(sz)[0]
+        action = self.policy(sz, eps=None if eps is None else eps.reshape(K * B, -1))[0]
         q = self.qf(torch.cat([starts.reshape(K * B, -1), action, zb.reshape(K * B, -1)], -1))
         return q.min(0).values.reshape(K, B).mean(1)
 

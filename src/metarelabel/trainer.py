@@ -204,6 +204,7 @@ class Trainer:
         if relabel:
             assignments = self.relabeler.assign(paths)
         else:
+            self.relabeler.observe(paths)
             assignments = [np.full(len(p), p.task, np.int64) for p in paths]
         for p, a in zip(paths, assignments):
             self._file(p, a, feeds_encoder)
@@ -261,8 +262,7 @@ class Trainer:
     def sample_training_batch(self):
         cfg = self.cfg
         tasks = self.rng.integers(0, self.num_tasks, size=cfg.meta_batch)
-        b = self.rl_buf.sample(tasks, cfg.batch_size, self.rng,
-                               keys=("obs", "actions", self.rl_key, "next_obs", "terminals"))
+        b = self.rl_buf.sample(tasks, cfg.batch_size, self.rng)
         c = self.enc_buf.sample(tasks, cfg.embedding_batch_size, self.rng,
                                 keys=("obs", "actions", self.ctx_key, "next_obs"))
         dev = self.device
@@ -270,6 +270,7 @@ class Trainer:
                  "next_obs": b["next_obs"], "terminals": b["terminals"]}
         batch = {k: torch.as_tensor(v, device=dev) for k, v in batch.items()}
         context = torch.as_tensor(context_from(c, self.ctx_key, cfg.use_next_obs_in_context), device=dev)
+        self.relabeler.on_gradient_step(tasks, b)
         return batch, context
 
     def train_steps(self, n: int) -> dict[str, float]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from . import none  # noqa: F401  (registers)
+from . import hfr, hipi, none, random  # noqa: F401  (register the strategies)
 from .base import REGISTRY, Learner, RelabelContext, Relabeler
 
 

@@ -91,6 +91,12 @@ class Relabeler:
     def update_log_z(self) -> None:
         """Recompute the partition function (once per iteration, after collection)."""
 
+    def observe(self, paths: list[Path]) -> None:
+        """See paths that were filed without relabeling (the initial collection)."""
+
+    def on_gradient_step(self, tasks: np.ndarray, batch: dict[str, np.ndarray]) -> None:
+        """Called with each SAC batch (numpy, ``[M, B, .]``); for learned reward models."""
+
     # ---- diagnostics ----------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
         """Per-iteration summary; resets the accumulators (not the matrix)."""

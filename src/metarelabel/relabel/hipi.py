@@ -1,0 +1,133 @@
+"""Return-based relabeling baselines (SPEC 4.5-4.6).
+
+hipi:   q(psi | tau) propto exp(R_psi(tau) / temperature - log Z(psi)), R_psi the hindsight
+        return under the reward the critic is trained on; log Z(psi) = log mean exp(R_psi / T)
+        over a cache of the last ``hipi_cache_size`` original paths (any task), scored under
+        psi.  The cache never contains the paths being relabeled.
+hipi-q: per transition: z_psi from ``embedding_batch_size`` transitions of psi's encoder
+        buffer; Q_t(psi) = min_k Q_k(s_t, a_t, z_psi); log Z(psi) = log mean_t exp Q_t(psi)
+        over the path; each transition gets its own task ~ softmax_psi(Q_t(psi) - log Z(psi)).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..sampler import context_from
+from .base import Relabeler, register
+from .hfr import entropy, sample_categorical, softmax
+
+
+def _logmeanexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).mean(axis=axis, keepdims=True))).squeeze(axis)
+
+
+@register
+class HIPI(Relabeler):
+    name = "hipi"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        n = ctx.num_tasks
+        self.all_tasks = np.arange(n)
+        self.cache = np.zeros((ctx.cfg.hipi_cache_size, n), np.float64)
+        self.cache_size = 0
+        self.cache_ptr = 0
+        self.dense = ctx.cfg.rl_reward == "dense"
+
+    def returns(self, paths) -> np.ndarray:
+        """Hindsight returns ``[P, N]`` from one vectorized reward call."""
+        fam = self.ctx.family
+        infos = {k: np.concatenate([p.infos[k] for p in paths], 0) for k in paths[0].infos}
+        rew = fam.dense_reward(infos, self.all_tasks) if self.dense else fam.reward(infos, self.all_tasks)[0]
+        bounds = np.cumsum([0] + [len(p) for p in paths])
+        return np.stack([rew[:, a:b].sum(1) for a, b in zip(bounds[:-1], bounds[1:])])
+
+    def log_z(self) -> np.ndarray:
+        if self.cache_size == 0:
+            return np.zeros(self.ctx.num_tasks)
+        return _logmeanexp(self.cache[: self.cache_size] / self.cfg.hipi_temperature, axis=0)
+
+    def assign(self, paths):
+        self._pending = self.returns(paths) if paths else None
+        out = super().assign(paths)
+        if self._pending is not None:  # the batch joins the cache only after it was relabeled
+            for r in self._pending:
+                self.cache[self.cache_ptr] = r
+                self.cache_ptr = (self.cache_ptr + 1) % len(self.cache)
+                self.cache_size = min(self.cache_size + 1, len(self.cache))
+        return out
+
+    def observe(self, paths) -> None:
+        """Add paths that bypass relabeling (initial collection) to the cache."""
+        if paths:
+            self._pending = self.returns(paths)
+            for r in self._pending:
+                self.cache[self.cache_ptr] = r
+                self.cache_ptr = (self.cache_ptr + 1) % len(self.cache)
+                self.cache_size = min(self.cache_size + 1, len(self.cache))
+
+    def choose(self, paths):
+        R = self._pending
+        log_z = self.log_z()
+        logits = R / self.cfg.hipi_temperature - log_z[None, :]
+        q = softmax(logits)
+        chosen = logits.argmax(1) if self.cfg.hardmax else sample_categorical(q, self.ctx.rng)
+        self._record("return", R)
+        self._record("log_z", log_z)
+        self._record("logits", logits)
+        self._record("entropy", entropy(q))
+        self.last_q = q
+        return [np.full(len(p), k, np.int64) for p, k in zip(paths, chosen)]
+
+    def state_dict(self):
+        return {**super().state_dict(), "cache": self.cache.copy(), "cache_size": self.cache_size,
+                "cache_ptr": self.cache_ptr}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.cache[:] = np.asarray(state["cache"])
+        self.cache_size, self.cache_ptr = int(state["cache_size"]), int(state["cache_ptr"])
+
+
+@register
+class HIPIQ(Relabeler):
+    name = "hipi-q"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.all_tasks = np.arange(ctx.num_tasks)
+        self.ctx_key = "dense_rewards" if ctx.cfg.context_reward == "dense" else "rewards"
+
+    @torch.no_grad()
+    def task_q(self, paths, z: torch.Tensor | None = None) -> list[np.ndarray]:
+        """Q_t(psi) ``[N, T]`` per path (one encoder pass for all tasks, one critic pass for all
+        (task, transition) rows of the batch)."""
+        learner, n, dev = self.ctx.learner, self.ctx.num_tasks, self.ctx.learner.device
+        if z is None:
+            b = self.ctx.enc_buffers.sample(self.all_tasks, self.cfg.embedding_batch_size, self.ctx.rng,
+                                            keys=("obs", "actions", self.ctx_key, "next_obs"))
+            ctx = torch.as_tensor(context_from(b, self.ctx_key, learner.dims.use_next_obs), device=dev)
+            z = learner.sample_z(*learner.infer_posterior(ctx))
+        obs = torch.as_tensor(np.concatenate([p.obs for p in paths]), device=dev)
+        act = torch.as_tensor(np.concatenate([p.actions for p in paths]), device=dev)
+        T = obs.shape[0]
+        x = torch.cat([obs.expand(n, T, -1), act.expand(n, T, -1), z[:, None, :].expand(n, T, -1)], -1)
+        q = learner.qf(x.reshape(n * T, -1)).min(0).values.reshape(n, T).double().cpu().numpy()
+        bounds = np.cumsum([0] + [len(p) for p in paths])
+        return [q[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def choose(self, paths):
+        out = []
+        for q_path, p in zip(self.task_q(paths), paths):
+            log_z = _logmeanexp(q_path, axis=1)  # [N], over the path's transitions
+            logits = (q_path - log_z[:, None]).T  # [T, N]
+            q = softmax(logits)
+            chosen = logits.argmax(1) if self.cfg.hardmax else sample_categorical(q, self.ctx.rng)
+            self._record("q_value", q_path)
+            self._record("log_z", log_z)
+            self._record("logits", logits)
+            self._record("entropy", entropy(q))
+            out.append(chosen.astype(np.int64))
+        return out
