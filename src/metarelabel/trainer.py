@@ -337,7 +337,7 @@ class Trainer:
             if new:
                 fh.write("iteration,original,assigned,paths\n")
             for i, j in zip(*np.nonzero(m)):
-                fh.write(f"{it},{i},{j},{m[i, j]!r}\n")
+                fh.write(f"{it},{i},{j},{float(m[i, j])!r}\n")
 
     def train(self) -> dict[str, float]:
         """Run (or continue) meta-training to ``num_iterations``; returns the last row."""

@@ -79,7 +79,10 @@ class Relabeler:
         else:
             out = [np.asarray(a, np.int64) for a in self.choose(paths)]
         for p, a in zip(paths, out):
-            np.add.at(self.matrix[p.task], a, 1.0 / len(p))
+            if np.all(a == a[0]):
+                self.matrix[p.task, a[0]] += 1.0
+            else:
+                np.add.at(self.matrix[p.task], a, 1.0 / len(p))
             self.stats["paths"][0] += 1
             self.stats["transitions"][0] += len(p)
             self.stats["moved"][0] += float(np.sum(a != p.task))

@@ -49,24 +49,23 @@ class HIPI(Relabeler):
             return np.zeros(self.ctx.num_tasks)
         return _logmeanexp(self.cache[: self.cache_size] / self.cfg.hipi_temperature, axis=0)
 
+    def _push(self, returns: np.ndarray) -> None:
+        for r in returns:
+            self.cache[self.cache_ptr] = r
+            self.cache_ptr = (self.cache_ptr + 1) % len(self.cache)
+            self.cache_size = min(self.cache_size + 1, len(self.cache))
+
     def assign(self, paths):
         self._pending = self.returns(paths) if paths else None
         out = super().assign(paths)
         if self._pending is not None:  # the batch joins the cache only after it was relabeled
-            for r in self._pending:
-                self.cache[self.cache_ptr] = r
-                self.cache_ptr = (self.cache_ptr + 1) % len(self.cache)
-                self.cache_size = min(self.cache_size + 1, len(self.cache))
+            self._push(self._pending)
         return out
 
     def observe(self, paths) -> None:
-        """Add paths that bypass relabeling (initial collection) to the cache."""
+        """Paths filed without relabeling (the initial collection) still fill the cache."""
         if paths:
-            self._pending = self.returns(paths)
-            for r in self._pending:
-                self.cache[self.cache_ptr] = r
-                self.cache_ptr = (self.cache_ptr + 1) % len(self.cache)
-                self.cache_size = min(self.cache_size + 1, len(self.cache))
+            self._push(self.returns(paths))
 
     def choose(self, paths):
         R = self._pending
