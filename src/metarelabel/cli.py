@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 from .config import FIELDS, field_docs, parse_value
@@ -64,7 +65,12 @@ def cmd_train(args) -> int:
     from .trainer import Trainer, prepare_run_dir
 
     cfg = make_config(args.family, args.preset, _overrides(args))
-    run_dir = Path(args.run_dir or Path(args.runs_root) / f"{cfg.family}-{cfg.preset}-{cfg.relabel}-s{cfg.seed}")
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:  # default name; never collides with an earlier run
+        run_dir = Path(args.runs_root) / f"{cfg.family}-{cfg.preset}-{cfg.relabel}-s{cfg.seed}"
+        if run_dir.exists():
+            run_dir = run_dir.with_name(run_dir.name + time.strftime("-%Y%m%d-%H%M%S"))
     trainer = Trainer(cfg, run_dir, progress=_progress(args.progress), tensorboard=not args.no_tensorboard)
     prepare_run_dir(run_dir, args.overwrite)
     print(f"run directory: {run_dir}")
