@@ -191,7 +191,8 @@ class Trainer:
                 path = rollout(self.env, self.agent, z, cfg.max_path_length)
                 steps += len(path)
                 self.store([path], feeds_encoder, relabel)
-                z = self._posterior_z(task)
+                if steps < num_steps:
+                    z = self._posterior_z(task)
         self.env_steps += steps
         return steps
 
