@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,11 @@ def load_file(path: Path, run_id: str | None = None) -> dict:
     return body
 
 
-def load_latest(ckpt_dir, run_id: str | None = None, warn=print, allow_failed: bool = False) -> dict:
+def _warn_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def load_latest(ckpt_dir, run_id: str | None = None, warn=_warn_stderr, allow_failed: bool = False) -> dict:
     """Newest checkpoint that verifies; each bad one is reported in one line and skipped."""
     paths = list_checkpoints(ckpt_dir)
     if not paths:

@@ -124,6 +124,11 @@ class PEARL:
         return q.min(0).values.reshape(K, B).mean(1)
 
     @torch.no_grad()
+    def min_q(self, x: torch.Tensor) -> torch.Tensor:
+        """min_k Q_k on rows ``[n, obs + act + latent]``: ``[n]``."""
+        return self.qf(x).min(0).values
+
+    @torch.no_grad()
     def td_error(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """mean_b (Q1 - y)^2 + mean_b (Q2 - y)^2 per task: ``[K]`` for batches ``[K, B, .]``."""
         obs, act, rew, nxt, term = (batch[k] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))

@@ -432,7 +432,7 @@ def load_trainer(run_dir, echo=print, device: str | None = None, tensorboard: bo
         meta = json.loads((run_dir / "run.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise RunDirError(f"{run_dir}/run.json is missing or unreadable") from None
-    body = ckpt.load_latest(run_dir / "checkpoints", run_id=meta.get("run_id"), warn=echo)
+    body = ckpt.load_latest(run_dir / "checkpoints", run_id=meta.get("run_id"))
     trainer = Trainer(cfg, run_dir, echo=echo, progress=progress, tensorboard=tensorboard)
     trainer.run_id = meta["run_id"]
     try:

@@ -40,9 +40,16 @@ class HIPI(Relabeler):
         """Hindsight returns ``[P, N]`` from one vectorized reward call."""
         fam = self.ctx.family
         infos = {k: np.concatenate([p.infos[k] for p in paths], 0) for k in paths[0].infos}
-        rew = fam.dense_reward(infos, self.all_tasks) if self.dense else fam.reward(infos, self.all_tasks)[0]
+        rew, term, _ = fam.reward(infos, self.all_tasks)
+        if self.dense:
+            rew = fam.dense_reward(infos, self.all_tasks)
         bounds = np.cumsum([0] + [len(p) for p in paths])
-        return np.stack([rew[:, a:b].sum(1) for a, b in zip(bounds[:-1], bounds[1:])])
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            d = term[:, a:b]
+            valid = (np.cumsum(d, axis=1) - d) == 0  # up to its first terminal under psi, as filed
+            out.append((rew[:, a:b] * valid).sum(1))
+        return np.stack(out)
 
     def log_z(self) -> np.ndarray:
         if self.cache_size == 0:
@@ -112,8 +119,8 @@ class HIPIQ(Relabeler):
         obs = torch.as_tensor(np.concatenate([p.obs for p in paths]), device=dev)
         act = torch.as_tensor(np.concatenate([p.actions for p in paths]), device=dev)
         T = obs.shape[0]
-        x = torch.cat([obs.expand(n, T, -1), act.expand(n, T, -1), z[:, None, :].expand(n, T, -1)], -1)
-        q = learner.qf(x.reshape(n * T, -1)).min(0).values.reshape(n, T).double().cpu().numpy()
+        x = torch.cat([obs.expand(n, T, -1), act.expand(n, T, -1), z[:, None, :].expand(n, T, -1)], -1)  # [N, T, s+a+z]
+        q = learner.min_q(x.reshape(n * T, -1)).reshape(n, T).double().cpu().numpy()
         bounds = np.cumsum([0] + [len(p) for p in paths])
         return [q[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
