@@ -95,11 +95,15 @@ def run_subprocess(argv, cwd=None, timeout=120):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def assert_usage_error(code, err: str, *needles: str) -> None:
-    """Exit status 2, exactly one non-empty stderr line containing ``error:``, no traceback."""
+def assert_usage_error(code, err: str, *needles: str, allow_warnings: bool = False) -> None:
+    """Exit status 2, exactly one non-empty stderr line containing ``error:`` (with
+    ``allow_warnings``: the last one, after ``warning:`` lines only), no traceback."""
     assert code == 2, f"exit code {code}, stderr={err!r}"
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    if allow_warnings:
+        assert lines and all(ln.startswith("warning:") for ln in lines[:-1]), lines
+        lines = lines[-1:]
     assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
     assert "error:" in lines[0]
     for n in needles:

@@ -33,7 +33,7 @@ def rollout(env: TaskFamily, agent, z: torch.Tensor, max_path_length: int, deter
         for k in infos:
             infos[k].append(info[k])
         obs = next_obs
-        if terminated:
+        if terminated or truncated:
             break
     f32 = np.float32
     return Path(

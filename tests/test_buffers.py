@@ -1,0 +1,223 @@
+"""Per-task ring buffers (SPEC section 2)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metarelabel.buffers import FIELDS, EncoderBuffers, Path, TaskBuffers
+
+OBS, ACT = 3, 2
+
+
+def rows(start: int, n: int) -> dict[str, np.ndarray]:
+    """n transitions whose every field encodes its global index (start + i)."""
+    i = np.arange(start, start + n, dtype=np.float64)
+    return {
+        "obs": np.stack([i, i + 0.25, i + 0.5], 1),
+        "actions": np.stack([-i, -i - 0.5], 1),
+        "rewards": i * 10,
+        "dense_rewards": i * 100,
+        "terminals": (i % 3 == 0).astype(np.float64),
+        "next_obs": np.stack([i + 1, i + 1.25, i + 1.5], 1),
+    }
+
+
+def make_path(task: int, start: int, n: int) -> Path:
+    r = rows(start, n)
+    return Path(obs=r["obs"], actions=r["actions"], rewards=r["rewards"], dense_rewards=r["dense_rewards"],
+                terminals=r["terminals"], next_obs=r["next_obs"], success=np.zeros(n, bool),
+                infos={"pos": r["obs"][:, :2]}, task=task)
+
+
+def ids_in_order(buf: TaskBuffers, task: int) -> np.ndarray:
+    """The stored rows of ``task`` oldest first (reading the ring from ``ptr`` when full)."""
+    size, ptr, cap = buf.size[task], buf.ptr[task], buf.capacity
+    order = (ptr + np.arange(cap)) % cap if size == cap else np.arange(size)
+    return buf.data["rewards"][task, order, 0] / 10
+
+
+def test_shapes_dtype_and_bytes():
+    buf = TaskBuffers(4, 50, OBS, ACT, store_starts=True)
+    for k, dim in {"obs": OBS, "actions": ACT, "rewards": 1, "dense_rewards": 1, "terminals": 1,
+                   "next_obs": OBS}.items():
+        assert buf.data[k].shape == (4, 50, dim) and buf.data[k].dtype == np.float32
+    assert buf.starts.shape == (4, 50, OBS)
+    assert buf.nbytes == TaskBuffers.bytes_needed(4, 50, OBS, ACT, store_starts=True) == 4 * 4 * 50 * (2 * OBS + ACT + 3 + OBS)
+    assert TaskBuffers.bytes_needed(4, 50, OBS, ACT) == 4 * 4 * 50 * (2 * OBS + ACT + 3)
+
+
+def test_sizes_and_contents():
+    buf = TaskBuffers(3, 20, OBS, ACT)
+    buf.add(1, rows(0, 7))
+    buf.add(1, rows(7, 5))
+    buf.add(2, rows(100, 3))
+    assert buf.size.tolist() == [0, 12, 3]
+    np.testing.assert_array_equal(ids_in_order(buf, 1), np.arange(12))
+    np.testing.assert_array_equal(ids_in_order(buf, 2), [100, 101, 102])
+    r = rows(0, 12)
+    for k in FIELDS:
+        np.testing.assert_array_equal(buf.data[k][1, :12], np.asarray(r[k], np.float32).reshape(12, -1))
+    buf.add(0, rows(0, 0))  # empty add is a no-op
+    assert buf.size[0] == 0
+
+
+@pytest.mark.parametrize("chunks", [[7, 7, 7, 7], [3, 11, 6, 9, 2], [25], [10, 10, 10], [1] * 23])
+def test_ring_wraparound_keeps_newest_in_order(chunks):
+    cap = 10
+    buf = TaskBuffers(2, cap, OBS, ACT)
+    start = 0
+    for n in chunks:
+        buf.add(0, rows(start, n))
+        start += n
+    total = sum(chunks)
+    assert buf.size[0] == min(cap, total) and buf.size[1] == 0
+    newest = np.arange(max(0, total - cap), total)
+    np.testing.assert_array_equal(ids_in_order(buf, 0), newest)
+    # every field of a row belongs to the same transition
+    i = buf.data["rewards"][0, :, 0] / 10
+    np.testing.assert_array_equal(buf.data["obs"][0, :, 0], i)
+    np.testing.assert_array_equal(buf.data["next_obs"][0, :, 0], i + 1)
+    np.testing.assert_array_equal(buf.data["actions"][0, :, 1], -i - 0.5)
+    np.testing.assert_array_equal(buf.data["dense_rewards"][0, :, 0], i * 100)
+
+
+def test_sample_only_filled_rows_and_shapes():
+    buf = TaskBuffers(4, 100, OBS, ACT)
+    buf.add(0, rows(0, 5))
+    buf.add(2, rows(1000, 30))
+    buf.add(3, rows(5000, 120))  # wrapped: rows 5020..5119
+    rng = np.random.default_rng(0)
+    tasks = [2, 0, 3, 0, 2]
+    out = buf.sample(tasks, 400, rng)
+    for k, dim in {"obs": OBS, "actions": ACT, "rewards": 1, "terminals": 1, "next_obs": OBS,
+                   "dense_rewards": 1}.items():
+        assert out[k].shape == (5, 400, dim)
+    ids = out["rewards"][..., 0] / 10
+    allowed = {0: set(range(0, 5)), 2: set(range(1000, 1030)), 3: set(range(5020, 5120))}
+    for m, t in enumerate(tasks):
+        got = set(ids[m].astype(int).tolist())
+        assert got <= allowed[t]
+        assert len(got) >= 0.8 * min(len(allowed[t]), 100)  # spread over the filled rows
+        # rows are sampled whole
+        np.testing.assert_array_equal(out["obs"][m, :, 0], ids[m])
+        np.testing.assert_array_equal(out["next_obs"][m, :, 0], ids[m] + 1)
+    sub = buf.sample([0], 3, rng, keys=("obs", "rewards"))
+    assert set(sub) == {"obs", "rewards"} and sub["obs"].shape == (1, 3, OBS)
+    with pytest.raises(RuntimeError, match="task 1"):
+        buf.sample([0, 1], 4, rng)
+
+
+def test_sample_is_reproducible_from_rng():
+    buf = TaskBuffers(2, 50, OBS, ACT)
+    buf.add(0, rows(0, 40))
+    buf.add(1, rows(100, 40))
+    a = buf.sample([0, 1], 16, np.random.default_rng(5))
+    b = buf.sample([0, 1], 16, np.random.default_rng(5))
+    for k in FIELDS:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_clear():
+    buf = TaskBuffers(2, 10, OBS, ACT, store_starts=True)
+    buf.add_path(0, make_path(0, 0, 8))
+    buf.add_path(1, make_path(1, 50, 4))
+    buf.clear(0)
+    assert buf.size.tolist() == [0, 4] and buf.start_size.tolist() == [0, 1]
+    buf.add(0, rows(200, 3))
+    np.testing.assert_array_equal(ids_in_order(buf, 0), [200, 201, 202])
+    ids = buf.sample([0], 100, np.random.default_rng(0))["rewards"][0, :, 0] / 10
+    assert set(ids.astype(int)) <= {200, 201, 202}
+
+
+def test_start_observations_stored_per_path():
+    buf = TaskBuffers(3, 6, OBS, ACT, store_starts=True)
+    buf.add_path(1, make_path(1, 0, 4))
+    buf.add_path(1, make_path(1, 10, 5))
+    buf.add_path(2, make_path(2, 20, 3), with_start=False)
+    buf.add(2, rows(30, 2))  # no start given
+    assert buf.start_size.tolist() == [0, 2, 0]
+    np.testing.assert_array_equal(buf.starts[1, :2, 0], [0, 10])
+    np.testing.assert_array_equal(buf.starts[1, :2], [rows(0, 1)["obs"][0], rows(10, 1)["obs"][0]])
+    s = buf.sample_starts([1, 1], 50, np.random.default_rng(0))
+    assert s.shape == (2, 50, OBS)
+    assert set(s[..., 0].ravel().tolist()) == {0.0, 10.0}
+    with pytest.raises(RuntimeError):
+        buf.sample_starts([2], 1, np.random.default_rng(0))
+    # start ring wraps as well: only the newest `capacity` starts survive
+    for j in range(10):
+        buf.add_path(0, make_path(0, 100 + j, 1))
+    assert buf.start_size[0] == 6
+    assert sorted(buf.starts[0, :, 0].tolist()) == list(range(104, 110))
+
+
+def test_encoder_buffers_clear_on_first_write():
+    buf = EncoderBuffers(3, 20, OBS, ACT)
+    buf.add(0, rows(0, 5))
+    buf.add(1, rows(100, 6))
+    buf.add(2, rows(200, 7))
+    buf.mark_all_for_clear()
+    assert buf.size.tolist() == [5, 6, 7]  # nothing cleared until data arrives
+    buf.add_path(0, make_path(0, 1000, 3))  # first write: clears task 0 first
+    assert buf.size.tolist() == [3, 6, 7]
+    np.testing.assert_array_equal(ids_in_order(buf, 0), [1000, 1001, 1002])
+    buf.add(0, rows(2000, 2))  # second write in the same phase appends
+    np.testing.assert_array_equal(ids_in_order(buf, 0), [1000, 1001, 1002, 2000, 2001])
+    # other tasks keep their old data and are still marked
+    np.testing.assert_array_equal(ids_in_order(buf, 1), np.arange(100, 106))
+    np.testing.assert_array_equal(ids_in_order(buf, 2), np.arange(200, 207))
+    assert buf.should_clear.tolist() == [False, True, True]
+    s = buf.sample([1, 2], 64, np.random.default_rng(0))["rewards"][..., 0] / 10
+    assert set(s[0].astype(int)) <= set(range(100, 106)) and set(s[1].astype(int)) <= set(range(200, 207))
+    buf.add(2, rows(300, 1))
+    np.testing.assert_array_equal(ids_in_order(buf, 2), [300])
+    np.testing.assert_array_equal(ids_in_order(buf, 1), np.arange(100, 106))
+
+
+def test_plain_task_buffers_never_clear_on_write():
+    buf = TaskBuffers(1, 20, OBS, ACT)
+    buf.add(0, rows(0, 4))
+    buf.add(0, rows(4, 4))
+    np.testing.assert_array_equal(ids_in_order(buf, 0), np.arange(8))
+
+
+@pytest.mark.parametrize("cls", [TaskBuffers, EncoderBuffers])
+def test_state_dict_round_trip(cls):
+    kw = {"store_starts": True} if cls is TaskBuffers else {}
+    buf = cls(3, 12, OBS, ACT, **kw)
+    buf.add_path(0, make_path(0, 0, 5))
+    buf.add_path(0, make_path(0, 5, 10))  # wraps
+    buf.add_path(2, make_path(2, 50, 4))
+    if cls is EncoderBuffers:
+        buf.mark_all_for_clear()
+        buf.add(2, rows(70, 2))
+    state = buf.state_dict()
+    other = cls(3, 12, OBS, ACT, **kw)
+    other.add(1, rows(999, 3))  # stale content must not survive the load
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.size, buf.size)
+    np.testing.assert_array_equal(other.ptr, buf.ptr)
+    for t in range(3):
+        np.testing.assert_array_equal(ids_in_order(other, t), ids_in_order(buf, t))
+    assert other.size[1] == 0
+    with pytest.raises(RuntimeError):
+        other.sample([1], 1, np.random.default_rng(0))
+    a = buf.sample([0, 2], 32, np.random.default_rng(3))
+    b = other.sample([0, 2], 32, np.random.default_rng(3))
+    for k in FIELDS:
+        np.testing.assert_array_equal(a[k], b[k])
+    if cls is TaskBuffers:
+        np.testing.assert_array_equal(other.start_size, buf.start_size)
+        np.testing.assert_array_equal(other.start_ptr, buf.start_ptr)
+        np.testing.assert_array_equal(other.starts[:, :2], buf.starts[:, :2])
+    else:
+        np.testing.assert_array_equal(other.should_clear, buf.should_clear)
+        other.add(0, rows(500, 1))  # task 0 was still marked: first write clears it
+        np.testing.assert_array_equal(ids_in_order(other, 0), [500])
+    # continuing both gives the same result
+    buf.add(0, rows(77, 4))
+    other2 = cls(3, 12, OBS, ACT, **kw)
+    other2.load_state_dict(state)
+    other2.add(0, rows(77, 4))
+    np.testing.assert_array_equal(ids_in_order(other2, 0), ids_in_order(buf, 0))
+    with pytest.raises(ValueError):
+        cls(3, 13, OBS, ACT, **kw).load_state_dict(state)
