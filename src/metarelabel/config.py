@@ -160,8 +160,37 @@ class Config:
             raise ConfigError(
                 f"eval_steps: {self.eval_steps} is shorter than one trajectory (max_path_length={self.max_path_length})"
             )
+        from .envs import family_class
+
+        fam = family_class(self.family)
+        if self.max_path_length > fam.horizon:
+            raise ConfigError(f"max_path_length: {self.max_path_length} exceeds the {self.family} horizon ({fam.horizon})")
+        min_traj = -(-self.eval_steps // self.max_path_length)
+        if self.exploration_trajectories >= min_traj:
+            raise ConfigError(
+                f"exploration_trajectories: {self.exploration_trajectories} leaves no posterior trajectory in "
+                f"eval_steps={self.eval_steps} (at most {min_traj} trajectories of {self.max_path_length} steps)")
+        caps = self.buffer_capacities(fam.num_train)
+        hold = min(caps["encoder"], caps["sampler"])
+        if self.embedding_batch_size > hold:
+            raise ConfigError(
+                f"embedding_batch_size: {self.embedding_batch_size} exceeds what the encoder/sampler buffers can hold "
+                f"({hold} transitions with these collection settings)")
         if self.learned_reward and self.relabel not in ("hfr", "hfr-bellman"):
             raise ConfigError(f"learned_reward: only hfr and hfr-bellman build relabeling contexts (relabel={self.relabel})")
+
+    def buffer_capacities(self, num_tasks: int) -> dict[str, int]:
+        """Per-task buffer capacities.  The RL buffer holds at most what the whole run can
+        collect (any one task may receive every path); the encoder buffer one iteration's worth
+        of encoder-feeding steps; the sampler buffer one visit of a task (or the initial steps)."""
+        H = self.max_path_length
+        visit = self.num_steps_prior + self.num_steps_posterior + self.num_extra_rl_steps_posterior + 3 * H
+        total = (self.num_initial_steps + H) * num_tasks + self.num_iterations * self.num_tasks_sample * visit
+        rl = min(self.replay_buffer_size, total)
+        per_iter_enc = self.num_tasks_sample * (self.num_steps_prior + self.num_steps_posterior + 2 * H)
+        enc = min(rl, max(self.num_initial_steps + H, per_iter_enc))
+        smp = min(rl, max(self.num_initial_steps + H, visit))
+        return {"rl": rl, "encoder": enc, "sampler": smp}
 
 
 def _type_name(tp) -> str:

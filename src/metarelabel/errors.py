@@ -19,3 +19,11 @@ class RunDirError(MetaRelabelError):
 
 class TrainingDiverged(MetaRelabelError):
     """A loss or utility became NaN/inf; a checkpoint marked as failed was written."""
+
+
+class NonFiniteError(Exception):
+    """Internal: a named quantity (loss, utility, log Z) became NaN or inf."""
+
+    def __init__(self, quantity: str, value: float = float("nan")):
+        super().__init__(f"{quantity} became {value}")
+        self.quantity, self.value = quantity, value

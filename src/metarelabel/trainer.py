@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .buffers import FIELDS, EncoderBuffers, Path, TaskBuffers
 from .config import Config
 from .envs import make_family
-from .errors import CheckpointError, RunDirError, TrainingDiverged
+from .errors import CheckpointError, NonFiniteError, RunDirError, TrainingDiverged
 from .evaluation import PROTOCOL, Evaluator
 from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, Dims
@@ -43,18 +43,6 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError("device: cuda requested but torch sees no CUDA device (use --device cpu or auto)")
     return torch.device(name)
-
-
-def capacities(cfg: Config, num_tasks: int) -> dict[str, int]:
-    """Buffer capacities: the RL buffer holds at most what the whole run can collect (any one
-    task may receive every path); the encoder and sampler buffers one iteration's worth."""
-    H = cfg.max_path_length
-    per_task_visit = cfg.num_steps_prior + cfg.num_steps_posterior + cfg.num_extra_rl_steps_posterior + 3 * H
-    total = (cfg.num_initial_steps + H) * num_tasks + cfg.num_iterations * cfg.num_tasks_sample * per_task_visit
-    rl = min(cfg.replay_buffer_size, total)
-    enc = min(rl, max(cfg.num_initial_steps + H, cfg.num_tasks_sample * (cfg.num_steps_prior + cfg.num_steps_posterior + 2 * H)))
-    smp = min(rl, max(cfg.num_initial_steps + H, per_task_visit))
-    return {"rl": rl, "encoder": enc, "sampler": smp}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -109,7 +97,7 @@ class Trainer:
         self.dims = Dims(obs_dim, act_dim, cfg.latent_dim, cfg.use_next_obs_in_context)
         self.agent = PEARL(self.dims, cfg, self.device)
 
-        self.caps = capacities(cfg, n)
+        self.caps = cfg.buffer_capacities(n)
         self.rl_buf = TaskBuffers(n, self.caps["rl"], obs_dim, act_dim, store_starts=True)
         self.enc_buf = EncoderBuffers(n, self.caps["encoder"], obs_dim, act_dim)
         self.smp_buf = TaskBuffers(n, self.caps["sampler"], obs_dim, act_dim)
@@ -323,12 +311,9 @@ class Trainer:
         return row
 
     def _check_finite(self, losses: dict[str, float], it: int) -> None:
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
-            path = self.save_checkpoint(failed=True, iteration=it)
-            raise TrainingDiverged(
-                f"{bad[0]} became {losses[bad[0]]} at iteration {it}; stopped and saved {path} (marked failed). "
-                "Try a smaller lr or reward_scale.")
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                raise NonFiniteError(k, v)
 
     def _write_matrix(self, it: int) -> None:
         m = self.relabeler.take_matrix()
@@ -356,9 +341,21 @@ class Trainer:
         last: dict[str, float] = {}
         try:
             while self.iteration < cfg.num_iterations:
-                row = self.run_iteration()
-                self.logger.record_dict(row)
-                last = self.logger.dump(self.env_steps)
+                try:
+                    row = self.run_iteration()
+                except NonFiniteError as exc:
+                    it = self.iteration + 1
+                    path = self.save_checkpoint(failed=True, iteration=it)
+                    raise TrainingDiverged(
+                        f"{exc.quantity} became {exc.value} at iteration {it}; stopped and saved {path} "
+                        "(marked failed; resume uses the last good checkpoint). Try a smaller lr or reward_scale."
+                    ) from None
+                try:
+                    self.logger.record_dict(row)
+                    last = self.logger.dump(self.env_steps)
+                except OSError as exc:
+                    raise RunDirError(f"cannot write to run directory {self.run_dir}: {exc.strerror}; "
+                                      "the last good checkpoint is intact (metarelabel resume continues from it)") from None
                 line = summary_line(self.iteration, cfg.num_iterations, last)
                 if bar is not None:
                     bar.update(1)
@@ -410,8 +407,14 @@ class Trainer:
     def save_checkpoint(self, failed: bool = False, iteration: int | None = None) -> FsPath:
         it = self.iteration if iteration is None else iteration
         try:
-            return ckpt.save(self.run_dir / "checkpoints", it, self.state_dict(), self.cfg.keep_checkpoints,
+            t0 = time.perf_counter()
+            path = ckpt.save(self.run_dir / "checkpoints", it, self.state_dict(), self.cfg.keep_checkpoints,
                              self.run_id, failed=failed)
+            self.last_checkpoint = {"path": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
+            if not failed:
+                self.echo(f"checkpoint {path.name}: {_fmt_bytes(self.last_checkpoint['bytes'])} "
+                          f"in {self.last_checkpoint['seconds']:.2f}s")
+            return path
         except OSError as exc:
             raise RunDirError(f"cannot write checkpoint for iteration {it}: {exc.strerror}; "
                               "the previous checkpoint is intact") from None

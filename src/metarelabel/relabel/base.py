@@ -18,6 +18,14 @@ import numpy as np
 import torch
 
 from ..buffers import Path, TaskBuffers
+from ..errors import NonFiniteError
+
+
+def check_finite(name: str, values) -> None:
+    """Raise ``NonFiniteError('relabel/<name>')`` if any value is NaN or inf."""
+    v = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(v)):
+        raise NonFiniteError(f"relabel/{name}", float(v[~np.isfinite(v)].ravel()[0]))
 
 
 class Learner(Protocol):

@@ -19,7 +19,7 @@ import torch
 from ..buffers import FIELDS
 from ..networks import MLP
 from ..sampler import context_from
-from .base import RelabelContext, Relabeler, register
+from .base import RelabelContext, Relabeler, check_finite, register
 
 MAX_ROWS = 1 << 16  # rows per policy/critic chunk
 
@@ -138,6 +138,7 @@ class ForesightRelabeler(Relabeler):
 
     def choose(self, paths):
         U = self.utilities(paths)
+        check_finite(self.value_name, U)
         logits = U - self.log_z[None, :]
         q = softmax(logits)
         if self.cfg.hardmax:
@@ -165,6 +166,7 @@ class ForesightRelabeler(Relabeler):
         z = learner.sample_z(*learner.infer_posterior(ctx))
         values = self.task_values(tasks, z).reshape(n, S).double()
         self.log_z = (torch.logsumexp(values, 1) - np.log(S)).cpu().numpy()
+        check_finite("log_z", self.log_z)
         self._record("log_z", self.log_z)
 
     def on_gradient_step(self, tasks: np.ndarray, batch: dict[str, np.ndarray]) -> None:

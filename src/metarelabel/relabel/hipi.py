@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..sampler import context_from
-from .base import Relabeler, register
+from .base import Relabeler, check_finite, register
 from .hfr import entropy, sample_categorical, softmax
 
 
@@ -127,6 +127,7 @@ class HIPIQ(Relabeler):
     def choose(self, paths):
         out = []
         for q_path, p in zip(self.task_q(paths), paths):
+            check_finite("q_value", q_path)
             log_z = _logmeanexp(q_path, axis=1)  # [N], over the path's transitions
             logits = (q_path - log_z[:, None]).T  # [T, N]
             q = softmax(logits)
