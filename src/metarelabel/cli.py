@@ -46,6 +46,8 @@ def _overrides(args) -> dict:
     for key, value in vars(args).items():
         if key.startswith("cfg__") and value is not None:
             name = key[5:]
+            if isinstance(value, list):  # argparse hands `--field=--` over as a list
+                value = " ".join(value)
             out[name] = parse_value(name, value)
     for item in getattr(args, "set", None) or []:
         if "=" not in item:

@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 SUMMARY_KEYS = (
     ("meta_test/return", "return", "{:.2f}"),
     ("meta_test/success_rate", "success", "{:.2f}"),
@@ -37,7 +39,8 @@ class Logger:
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
 
     def record(self, key: str, value) -> None:
-        self.row[key] = float(value)
+        """Integers (iteration, env_steps, counts) are kept exact; everything else is a float."""
+        self.row[key] = int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else float(value)
 
     def record_dict(self, values: dict) -> None:
         for k, v in values.items():
@@ -79,8 +82,8 @@ class Logger:
             self.tb = None
 
 
-def _fmt(v: float) -> str:
-    return repr(float(v))
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else repr(float(v))
 
 
 def summary_line(it: int, total: int, row: dict[str, float]) -> str:

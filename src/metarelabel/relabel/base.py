@@ -123,7 +123,7 @@ class Relabeler:
         """Per-iteration summary; resets the accumulators (not the matrix)."""
         total = max(self.stats["transitions"][0], 1)
         out = {"relabel/fraction_relabeled": self.stats["moved"][0] / total,
-               "relabel/paths": float(self.stats["paths"][0])}
+               "relabel/paths": int(self.stats["paths"][0])}
         for key, chunks in self.values.items():
             v = np.concatenate(chunks) if chunks else np.zeros(0)
             if v.size:
