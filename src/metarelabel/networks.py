@@ -66,10 +66,13 @@ class TwinQ(nn.Module):
             self.biases.append(nn.Parameter(bias))
         self.n_heads = n_heads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """``detach_params``: gradients flow to ``x`` only (no weight-gradient GEMMs)."""
         h = x.unsqueeze(0).expand(self.n_heads, *x.shape)
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if detach_params:
+                w, b = w.detach(), b.detach()
             h = torch.baddbmm(b, h, w)
             if i < last:
                 h = F.relu(h)

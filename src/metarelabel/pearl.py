@@ -70,12 +70,13 @@ class PEARL:
         for p in self.target_vf.parameters():
             p.requires_grad_(False)
         self.policy = TanhGaussianPolicy(o + L, a, h, nl).to(device)
-        lr = cfg.lr
+        # fused Adam: one kernel per parameter group instead of a Python loop per tensor
+        adam = dict(lr=cfg.lr, fused=True)
         self.optimizers = {
-            "policy": torch.optim.Adam(self.policy.parameters(), lr=lr),
-            "qf": torch.optim.Adam(self.qf.parameters(), lr=lr),
-            "vf": torch.optim.Adam(self.vf.parameters(), lr=lr),
-            "encoder": torch.optim.Adam(self.encoder.parameters(), lr=lr),
+            "policy": torch.optim.Adam(self.policy.parameters(), **adam),
+            "qf": torch.optim.Adam(self.qf.parameters(), **adam),
+            "vf": torch.optim.Adam(self.vf.parameters(), **adam),
+            "encoder": torch.optim.Adam(self.encoder.parameters(), **adam),
         }
 
     # ---- posterior ---------------------------------------------------------------------
@@ -175,8 +176,9 @@ class PEARL:
         self.optimizers["qf"].step()
         self.optimizers["encoder"].step()
 
-        # V (target from the updated critics) and the target network
-        q_new = self.qf(torch.cat([obs, new_act, zd], -1)).min(0).values
+        # V (target from the updated critics) and the target network.  The critics are fixed
+        # here: only the policy's actions need gradients, so no weight-gradient GEMMs are run.
+        q_new = self.qf(torch.cat([obs, new_act, zd], -1), detach_params=True).min(0).values
         v_target = (q_new - log_pi).detach()
         vf_loss = F.mse_loss(v, v_target)
         self.optimizers["vf"].zero_grad(set_to_none=True)
