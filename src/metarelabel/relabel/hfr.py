@@ -21,7 +21,19 @@ from ..networks import MLP
 from ..sampler import context_from
 from .base import RelabelContext, Relabeler, check_finite, register
 
-MAX_ROWS = 1 << 16  # rows per policy/critic chunk
+# Rows per encoder / policy+critic call.  Both the batched and a per-task version do the same
+# FLOPs; chunks of a few thousand rows keep the 300-wide activations in cache (measured with
+# benchmarks/relabel.py: 65,536-row chunks ran at ~60% of the GEMM rate of 4,096-row ones).
+MAX_ROWS = 4096
+
+
+def posterior_chunked(learner, ctx: torch.Tensor, mask: torch.Tensor | None = None):
+    """``learner.infer_posterior`` over ``[K, T, d]`` contexts in chunks of about MAX_ROWS rows."""
+    K, T = ctx.shape[:2]
+    step = max(1, MAX_ROWS // max(T, 1))
+    parts = [learner.infer_posterior(ctx[i:i + step], None if mask is None else mask[i:i + step])
+             for i in range(0, K, step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def sample_categorical(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -131,7 +143,7 @@ class ForesightRelabeler(Relabeler):
         ctx, mask = self.hindsight(paths)
         P, n, T, d = ctx.shape
         learner = self.ctx.learner
-        mu, var = learner.infer_posterior(ctx.reshape(P * n, T, d), mask.reshape(P * n, T))
+        mu, var = posterior_chunked(learner, ctx.reshape(P * n, T, d), mask.reshape(P * n, T))
         z = learner.sample_z(mu, var, z_eps)
         values = self.task_values(np.tile(self.all_tasks, P), z, value_eps)
         return values.reshape(P, n).double().cpu().numpy()
@@ -163,7 +175,7 @@ class ForesightRelabeler(Relabeler):
             g = self.goals[torch.as_tensor(tasks, device=self.device)][:, None, :].expand(-1, H, -1)
             b[self.ctx_key] = self.reward_model(o, a, g).unsqueeze(-1).cpu().numpy()
         ctx = torch.as_tensor(context_from(b, self.ctx_key, learner.dims.use_next_obs), device=self.device)
-        z = learner.sample_z(*learner.infer_posterior(ctx))
+        z = learner.sample_z(*posterior_chunked(learner, ctx))
         values = self.task_values(tasks, z).reshape(n, S).double()
         self.log_z = (torch.logsumexp(values, 1) - np.log(S)).cpu().numpy()
         check_finite("log_z", self.log_z)
