@@ -123,28 +123,36 @@ class TaskBuffers:
 
     # ---- state (checkpoints store only the filled part) ------------------------------
     def state_dict(self) -> dict:
-        filled = int(self.size.max(initial=0))
+        """Only the filled rows: each task's ``[:size]`` (a ring buffer is either not yet
+        wrapped, ``ptr == size``, or full), concatenated over tasks."""
         state = {
             "capacity": self.capacity, "size": self.size.copy(), "ptr": self.ptr.copy(),
-            "data": {k: v[:, :filled].copy() for k, v in self.data.items()},
+            "data": {k: np.concatenate([v[t, : self.size[t]] for t in range(self.num_tasks)]) for k, v in self.data.items()},
         }
         if self.store_starts:
-            sfilled = int(self.start_size.max(initial=0))
-            state.update(starts=self.starts[:, :sfilled].copy(), start_size=self.start_size.copy(),
-                         start_ptr=self.start_ptr.copy())
+            state.update(starts=np.concatenate([self.starts[t, : self.start_size[t]] for t in range(self.num_tasks)]),
+                         start_size=self.start_size.copy(), start_ptr=self.start_ptr.copy())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["capacity"]) != self.capacity:
             raise ValueError(f"buffer capacity {state['capacity']} != {self.capacity}")
-        self.size[:] = state["size"]
+        size = np.asarray(state["size"], np.int64)
+        if size.shape != self.size.shape:
+            raise ValueError(f"buffer has {len(size)} tasks, this run {self.num_tasks}")
+        self.size[:] = size
         self.ptr[:] = state["ptr"]
+        bounds = np.concatenate([[0], np.cumsum(size)])
         for k, v in state["data"].items():
-            self.data[k][:, : v.shape[1]] = v
+            for t in range(self.num_tasks):
+                self.data[k][t, : size[t]] = v[bounds[t]: bounds[t + 1]]
         if self.store_starts:
-            self.starts[:, : state["starts"].shape[1]] = state["starts"]
-            self.start_size[:] = state["start_size"]
+            ssize = np.asarray(state["start_size"], np.int64)
+            self.start_size[:] = ssize
             self.start_ptr[:] = state["start_ptr"]
+            sb = np.concatenate([[0], np.cumsum(ssize)])
+            for t in range(self.num_tasks):
+                self.starts[t, : ssize[t]] = state["starts"][sb[t]: sb[t + 1]]
 
 
 class EncoderBuffers(TaskBuffers):

@@ -41,6 +41,44 @@ PAPER: dict[str, dict[str, Any]] = {
         eval_steps=400, exploration_trajectories=5, num_eval_train_tasks=5,
         context_reward="true", rl_reward="true",
     ),
+    # MuJoCo locomotion (SPEC section 6); horizon 200, gamma 0.99, 2000 initial steps per task
+    "cheetah-vel": dict(
+        num_iterations=160, max_path_length=200, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=5, num_steps_prior=400, num_steps_posterior=0,
+        num_extra_rl_steps_posterior=600, meta_batch=16, embedding_batch_size=100,
+        utility_batch_size=256, reward_scale=5.0, kl_lambda=0.1, eval_runs=1,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+    ),
+    "cheetah-vel-sparse": dict(
+        num_iterations=160, max_path_length=200, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=5, num_steps_prior=400, num_steps_posterior=600,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=100,
+        utility_batch_size=256, reward_scale=5.0, kl_lambda=0.1, eval_runs=2,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+        context_reward="true", rl_reward="true",
+    ),
+    "cheetah-highdim": dict(
+        num_iterations=180, max_path_length=200, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=10, num_steps_prior=400, num_steps_posterior=0,
+        num_extra_rl_steps_posterior=600, meta_batch=16, embedding_batch_size=100,
+        utility_batch_size=256, reward_scale=5.0, kl_lambda=0.1, eval_runs=1,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+    ),
+    "ant-vel": dict(
+        num_iterations=160, max_path_length=200, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=10, num_steps_prior=400, num_steps_posterior=0,
+        num_extra_rl_steps_posterior=600, meta_batch=10, embedding_batch_size=256,
+        utility_batch_size=256, reward_scale=5.0, kl_lambda=1.0, eval_runs=1,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+    ),
+    "ant-goal": dict(
+        num_iterations=180, max_path_length=200, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=10, num_steps_prior=400, num_steps_posterior=600,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=256,
+        utility_batch_size=64, reward_scale=5.0, kl_lambda=1.0, eval_runs=1,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+        context_reward="true", rl_reward="true",
+    ),
 }
 
 # Small networks, few iterations: a run takes well under a minute on 2 cores.
@@ -58,6 +96,14 @@ QUICK: dict[str, dict[str, Any]] = {
     "sparse-point-robot": dict(_QUICK, num_steps_prior=20, num_steps_posterior=40, eval_steps=100,
                                exploration_trajectories=2),
 }
+# MuJoCo families keep the 200-step horizon: one trajectory per train task initially, 2 tasks
+# of one trajectory per phase and 2 iterations, evaluation of 2 trajectories (10-30 s on 2 cores).
+_QUICK_MUJOCO = dict(_QUICK, num_iterations=2, num_initial_steps=200, num_tasks_sample=2,
+                     num_steps_prior=200, eval_steps=400, exploration_trajectories=1, checkpoint_every=0)
+for _name in ("cheetah-vel", "cheetah-highdim", "ant-vel"):  # prior / extra-RL columns
+    QUICK[_name] = dict(_QUICK_MUJOCO, num_steps_posterior=0, num_extra_rl_steps_posterior=200)
+for _name in ("cheetah-vel-sparse", "ant-goal"):  # prior / posterior columns
+    QUICK[_name] = dict(_QUICK_MUJOCO, num_steps_posterior=200, num_extra_rl_steps_posterior=0)
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
 

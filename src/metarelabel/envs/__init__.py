@@ -20,6 +20,11 @@ REGISTRY: dict[str, FamilyEntry] = {
     "four-corners": FamilyEntry("metarelabel.envs.point", "FourCorners"),
     "point-robot": FamilyEntry("metarelabel.envs.point", "PointRobot"),
     "sparse-point-robot": FamilyEntry("metarelabel.envs.point", "SparsePointRobot"),
+    "cheetah-vel": FamilyEntry("metarelabel.envs.mujoco_locomotion", "CheetahVel", "mujoco"),
+    "cheetah-vel-sparse": FamilyEntry("metarelabel.envs.mujoco_locomotion", "CheetahVelSparse", "mujoco"),
+    "cheetah-highdim": FamilyEntry("metarelabel.envs.mujoco_locomotion", "CheetahHighdim", "mujoco"),
+    "ant-vel": FamilyEntry("metarelabel.envs.mujoco_locomotion", "AntVel", "mujoco"),
+    "ant-goal": FamilyEntry("metarelabel.envs.mujoco_locomotion", "AntGoal", "mujoco"),
 }
 
 
