@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -120,9 +121,10 @@ def phase_split(family: str, train_steps: int, relabel: str) -> dict[str, float]
     from metarelabel.trainer import Trainer
 
     cfg = make_config(family, "paper", {"num_iterations": 1, "num_train_steps_per_itr": train_steps, "relabel": relabel})
-    tr = Trainer(cfg, "/nonexistent", echo=lambda *a: None, tensorboard=False)
-    tr.initial_collection()
-    row = tr.run_iteration()
+    with tempfile.TemporaryDirectory() as run_dir:
+        tr = Trainer(cfg, run_dir, echo=lambda *a: None, tensorboard=False)
+        tr.initial_collection()
+        row = tr.run_iteration()
     return {k: v for k, v in row.items() if k.startswith("time/")}
 
 
@@ -151,14 +153,10 @@ def main() -> None:
     print("\npolicy inference latency per env step (one observation, CPU)")
     for name, (agent, o) in agents.items():
         print(f"  {name:<22}{policy_latency(agent, o) * 1e6:8.1f} us")
-    try:
-        from env_steps import measure_all  # benchmarks/env_steps.py
-    except ImportError:
-        measure_all = None
-    if measure_all is not None:
-        print("\nenv steps/s (random actions)")
-        for fam, sps in measure_all().items():
-            print(f"  {fam:<22}{sps:12,.0f}")
+    print("\nenv steps/s (benchmarks/env_steps.py, random actions)")
+    import env_steps  # benchmarks/env_steps.py, beside this file
+
+    env_steps.main(["--steps", "2000", "--repeats", "1"])
     if args.phases:
         print(f"\nper-phase split of one four-corners paper iteration (relabel={args.relabel}, "
               f"{args.phase_train_steps} gradient steps)")
