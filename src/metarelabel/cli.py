@@ -1,4 +1,4 @@
-"""Command-line interface: ``metarelabel {train,resume,eval,envs,config}``.
+"""Command-line interface: ``metarelabel {train,resume,eval,sweep,plot,envs,config}``.
 
 User mistakes (unknown family/preset/field, bad values, an existing run directory, unreadable
 checkpoints) print one ``error:`` line and exit with status 2; nothing on disk is destroyed.
@@ -150,6 +150,51 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import expand, run_local, run_ray
+
+    grid, fixed = {}, {}
+    for item in args.grid or []:
+        if "=" not in item:
+            raise MetaRelabelError(f"--grid expects FIELD=V1,V2,..., got {item!r}")
+        k, v = item.split("=", 1)
+        grid[k.strip().replace("-", "_")] = _csv(v)
+    for item in args.set or []:
+        if "=" not in item:
+            raise MetaRelabelError(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        fixed[k.strip().replace("-", "_")] = v.strip()
+    try:
+        seeds = [int(x) for x in _csv(args.seeds)]
+    except ValueError:
+        raise MetaRelabelError(f"--seeds expects integers, got {args.seeds!r}") from None
+    root = str(Path(args.root).resolve())
+    specs = expand(_csv(args.families), _csv(args.relabel), seeds, args.preset, root, grid, fixed)
+    print(f"sweep: {len(specs)} runs under {root} (backend {args.backend})")
+    if args.dry_run:
+        from .sweep import run_state
+
+        for spec in specs:
+            print(f"  {spec.label}: {run_state(spec.run_dir)}")
+        return 0
+    if args.backend == "ray":
+        results = run_ray(specs, args.ray_address, num_cpus=args.workers)
+    else:
+        results = run_local(specs, args.workers)
+    return 0 if all(not r["status"].startswith("failed") for r in results) else 1
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_runs
+
+    plot_runs(args.run_dirs, args.out, reps=args.reps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -182,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=12345, help="evaluation seed (default: 12345)")
     e.add_argument("--json", action="store_true", help="print metrics as JSON")
     e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep", help="run families x strategies x seeds (resumable; local pool or Ray)")
+    w.add_argument("--families", required=True, help="comma-separated task families")
+    w.add_argument("--relabel", default="none,random,hipi,hfr", help="comma-separated strategies (default: none,random,hipi,hfr)")
+    w.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
+    w.add_argument("--preset", default="paper", choices=preset_names())
+    w.add_argument("--root", default="runs/sweep", help="sweep directory (default: runs/sweep)")
+    w.add_argument("--grid", action="append", metavar="FIELD=V1,V2", help="also sweep a config field (repeatable)")
+    w.add_argument("--set", action="append", metavar="FIELD=VALUE", help="fixed override for every run (repeatable)")
+    w.add_argument("--backend", default="local", choices=("local", "ray"))
+    w.add_argument("--workers", type=int, default=2, help="parallel runs (local; with ray: CPUs of a local instance)")
+    w.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    w.set_defaults(func=cmd_sweep)
+
+    pl = sub.add_parser("plot", help="curves and final table (IQM, 95%% bootstrap CI across seeds)")
+    pl.add_argument("run_dirs", nargs="+", help="run directories or folders containing them")
+    pl.add_argument("--out", default="plots", help="output directory (default: plots)")
+    pl.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    pl.set_defaults(func=cmd_plot)
 
     v = sub.add_parser("envs", help="list task families")
     v.set_defaults(func=cmd_envs)

@@ -137,6 +137,19 @@ class Trainer:
         (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
         self._open_logger()
 
+    def _mark_finished(self, last: dict[str, float]) -> None:
+        """Record completion in run.json (sweeps skip finished runs)."""
+        path = self.run_dir / "run.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {"run_id": self.run_id}
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        meta["final"] = {k: v for k, v in last.items() if k.startswith("meta_test/") and "by_trajectory" not in k}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, path)
+
     def _open_logger(self, purge_step: int | None = None) -> None:
         self.logger = Logger(self.run_dir, tensorboard=self._tensorboard, purge_step=purge_step)
 
@@ -365,6 +378,7 @@ class Trainer:
                 due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
                 if due or self.iteration == cfg.num_iterations:
                     self.save_checkpoint()
+            self._mark_finished(last)
         finally:
             if bar is not None:
                 bar.close()

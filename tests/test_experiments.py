@@ -1,0 +1,160 @@
+"""Sweeps (local pool and Ray) and the plotting statistics (IQM, stratified-bootstrap CIs)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import read_csv
+from metarelabel.presets import make_config
+from metarelabel.sweep import RunSpec, expand, run_local, run_state
+
+pytest.importorskip("rliable", reason="plot tests need the plot extra: pip install metarelabel[plot]")
+from metarelabel.plot import curves, find_runs, group_runs, iqm_ci, load_run, plot_runs  # noqa: E402
+
+
+def direct_iqm(x) -> float:
+    x = np.sort(np.asarray(x, np.float64))
+    k = int(np.floor(0.25 * len(x)))
+    return float(x[k: len(x) - k].mean())
+
+
+def direct_bootstrap_ci(x, reps=20000, seed=1):
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, np.float64)
+    stats = [direct_iqm(x[rng.integers(0, len(x), len(x))]) for _ in range(reps)]
+    return np.percentile(stats, [2.5, 97.5])
+
+
+def fake_run(root, relabel, seed, returns, success, steps=None):
+    run = root / relabel / f"s{seed}"
+    run.mkdir(parents=True)
+    cfg = make_config("four-corners", "quick", {"relabel": relabel, "seed": seed})
+    (run / "config.json").write_text(cfg.to_json())
+    steps = steps or [100 * (i + 1) for i in range(len(returns))]
+    lines = ["iteration,env_steps,meta_test/return,meta_test/success_rate"]
+    lines += [f"{i + 1},{s},{r!r},{p!r}" for i, (s, r, p) in enumerate(zip(steps, returns, success))]
+    (run / "progress.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_iqm_equals_direct_computation_and_ci_matches_direct_bootstrap():
+    x = np.array([3.0, -1.0, 7.5, 2.0, 2.5, 10.0, 0.5, 4.0])
+    m, lo, hi = iqm_ci(x[:, None], reps=4000)
+    assert m[0] == pytest.approx(direct_iqm(x), abs=1e-12)
+    assert m[0] == pytest.approx(np.mean([2.0, 2.5, 3.0, 4.0]))  # middle half by hand
+    dlo, dhi = direct_bootstrap_ci(x)
+    assert lo[0] == pytest.approx(dlo, abs=0.35) and hi[0] == pytest.approx(dhi, abs=0.35)
+    assert lo[0] < m[0] < hi[0]
+
+
+def test_identical_seeds_give_a_degenerate_interval():
+    m, lo, hi = iqm_ci(np.full((5, 3), 0.75), reps=500)
+    np.testing.assert_allclose(m, 0.75)
+    np.testing.assert_allclose(lo, 0.75)
+    np.testing.assert_allclose(hi, 0.75)
+
+
+def test_plot_runs_curves_and_final_table(tmp_path):
+    rng = np.random.default_rng(0)
+    finals = {"hfr": [0.9, 0.7, 0.8, 1.0, 0.6], "none": [0.1, 0.2, 0.0, 0.3, 0.2]}
+    for relabel, vals in finals.items():
+        for seed, v in enumerate(vals):
+            ret = list(rng.normal(-15, 1, 4)) + [-10.0 * (1 - v)]
+            succ = [0.0, 0.1, 0.2, 0.3, v]
+            # env steps differ per seed (early termination): x is their mean per iteration
+            fake_run(tmp_path / "runs", relabel, seed, ret, succ, steps=[100 * (i + 1) + seed for i in range(5)])
+    out = tmp_path / "plots"
+    res = plot_runs([tmp_path / "runs"], out, reps=2000, echo=lambda *a: None)
+    for name in ("four-corners.png", "four-corners.pdf", "final_performance.csv", "final_performance.md"):
+        assert (out / name).stat().st_size > 0
+    rows = {r["strategy"]: r for r in res["rows"]}
+    assert set(rows) == {"hfr", "none"}
+    for relabel, vals in finals.items():
+        r = rows[relabel]
+        assert r["seeds"] == 5
+        assert r["meta_test/success_rate IQM"] == pytest.approx(direct_iqm(vals))
+        assert r["meta_test/success_rate mean"] == pytest.approx(np.mean(vals))
+        dlo, dhi = direct_bootstrap_ci(vals)
+        assert r["meta_test/success_rate CI low"] == pytest.approx(dlo, abs=0.05)
+        assert r["meta_test/success_rate CI high"] == pytest.approx(dhi, abs=0.05)
+    md = (out / "final_performance.md").read_text()
+    assert "IQM" in md and "| four-corners | hfr | 5 |" in md
+    group = res["grouped"]["four-corners"]["hfr"]
+    its, x, y = curves(group, "meta_test/success_rate")
+    np.testing.assert_array_equal(its, [1, 2, 3, 4, 5])
+    np.testing.assert_allclose(x, [100 * (i + 1) + 2 for i in range(5)])  # mean of seeds 0..4 offsets
+    assert y.shape == (5, 5)
+
+
+def test_grouping_labels_differing_fields(tmp_path):
+    a = fake_run(tmp_path, "hfr", 0, [-1.0], [0.0])
+    b = tmp_path / "other"
+    shutil.copytree(a, b)
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["keep_original_prob"] = 0.25
+    (b / "config.json").write_text(json.dumps(cfg))
+    grouped = group_runs([load_run(p) for p in find_runs([tmp_path])])
+    assert sorted(grouped["four-corners"]) == ["hfr keep_original_prob=0.25", "hfr keep_original_prob=0.5"]
+
+
+SWEEP_SET = {"num_iterations": "2", "num_train_steps_per_itr": "5", "checkpoint_every": "1"}
+
+
+def _specs(root, relabels=("none", "hfr")):
+    return expand(["four-corners"], list(relabels), [0], "quick", str(root), fixed=SWEEP_SET)
+
+
+def test_local_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path):
+    specs = _specs(tmp_path)
+    assert [s.run_dir.relative_to(tmp_path).as_posix() for s in specs] == ["four-corners/none/s0", "four-corners/hfr/s0"]
+    msgs = []
+    res = run_local(specs, workers=2, echo=msgs.append)
+    assert sorted(r["status"] for r in res) == ["done", "done"], res
+    assert all(run_state(s.run_dir) == "finished" for s in specs)
+    assert "2/2 runs (2 done)" in msgs[-1]
+    reference = read_csv(specs[1].run_dir / "progress.csv")
+
+    # interrupt the hfr run after iteration 1: no finished mark, no checkpoint 2, extra row left behind
+    run = specs[1].run_dir
+    meta = json.loads((run / "run.json").read_text())
+    meta.pop("finished")
+    (run / "run.json").write_text(json.dumps(meta))
+    for f in (run / "checkpoints").glob("ckpt_000002.*"):
+        f.unlink()
+    assert run_state(run) == "resumable"
+    res = run_local(specs, workers=2, echo=msgs.append)
+    assert sorted(r["status"] for r in res) == ["resumed", "skipped"], res
+    after = read_csv(run / "progress.csv")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(after) == strip(reference)
+
+
+def test_sweep_rejects_bad_values_before_running(tmp_path):
+    from metarelabel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_iterations"):
+        expand(["four-corners"], ["hfr"], [0], "quick", str(tmp_path), grid={"num_iterations": ["2", "-1"]})
+    with pytest.raises(ConfigError, match="seed"):
+        expand(["four-corners"], ["hfr"], [0], "quick", str(tmp_path), grid={"seed": ["1"]})
+    assert not any(tmp_path.iterdir())
+
+
+def test_grid_expansion_names_runs_by_value(tmp_path):
+    specs = expand(["four-corners"], ["hfr"], [0, 1], "quick", str(tmp_path), grid={"keep_original_prob": ["0.25", "0.75"]})
+    assert len(specs) == 4
+    assert {s.run_dir.parent.name for s in specs} == {"hfr-keep_original_prob=0.25", "hfr-keep_original_prob=0.75"}
+    assert isinstance(specs[0], RunSpec)
+
+
+@pytest.mark.ray
+def test_ray_backend_on_a_local_two_cpu_instance(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install metarelabel[ray])")
+    from metarelabel.sweep import run_ray
+
+    specs = _specs(tmp_path)
+    res = run_ray(specs, address=None, num_cpus=2, echo=lambda *a: None)
+    assert sorted(r["status"] for r in res) == ["done", "done"], res
+    assert all(run_state(s.run_dir) == "finished" for s in specs)
