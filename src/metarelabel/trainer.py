@@ -120,6 +120,7 @@ class Trainer:
         self.logger: Logger | None = None
         self._tensorboard = tensorboard
         self._timers: dict[str, float] = {}
+        self._collected: list[tuple[float, bool]] = []  # (return, success) of this iteration's paths
 
     # ---- setup / output -------------------------------------------------------------------------
     def memory_estimate(self) -> str:
@@ -202,6 +203,7 @@ class Trainer:
         transition) to the task the relabeler assigns."""
         for p in paths:
             self.smp_buf.add_path(p.task, p, with_start=False)
+            self._collected.append((float(p.rewards.sum()), bool(p.success.any())))
         t0 = self._tic()
         if relabel:
             assignments = self.relabeler.assign(paths)
@@ -289,6 +291,7 @@ class Trainer:
         cfg = self.cfg
         it = self.iteration + 1
         self._timers = {}
+        self._collected = []
         t_start = self._tic()
         t0 = self._tic()
         self.collect_iteration()
@@ -302,6 +305,9 @@ class Trainer:
         self._check_finite(losses, it)
         row: dict[str, float] = {"iteration": it, "env_steps": self.env_steps}
         row.update(losses)
+        if self._collected:
+            ret, succ = np.asarray(self._collected).T
+            row.update({"collect/return": float(ret.mean()), "collect/success_rate": float(succ.mean())})
         row.update(self.relabeler.diagnostics())
         self._write_matrix(it)
         t0 = self._tic()
