@@ -158,3 +158,30 @@ def test_ray_backend_on_a_local_two_cpu_instance(tmp_path):
     res = run_ray(specs, address=None, num_cpus=2, echo=lambda *a: None)
     assert sorted(r["status"] for r in res) == ["done", "done"], res
     assert all(run_state(s.run_dir) == "finished" for s in specs)
+
+
+def test_hovering_path_and_didactic_figure(tmp_path, capsys):
+    from conftest import run_main
+    from metarelabel.didactic import hovering_path
+    from metarelabel.envs import make_family
+
+    env = make_family("four-corners")
+    for quadrant in range(4):
+        p = hovering_path(env, quadrant)
+        R = env.reward(p.infos, np.arange(4))[0].sum(1)
+        # two steps to enter the open square, then 18 steps of -3 under its own task; -1 elsewhere
+        assert R[quadrant] == -2 - 3 * 18
+        assert all(R[k] == -20 for k in range(4) if k != quadrant)
+        assert np.all(np.sign(p.infos["pos"][2:]) == np.sign(env.tasks[quadrant]))
+    run = tmp_path / "run"
+    code, out, err = run_main(["train", "four-corners", "--preset", "quick", "--num-iterations", "2",
+                               "--num-train-steps-per-itr", "5", "--run-dir", run, "--no-tensorboard",
+                               "--progress", "off"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(["didactic", run, "--out", tmp_path / "fig.png"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.pdf").stat().st_size > 0
+    qs = {line.split(" q:")[0].strip(): line for line in out.splitlines() if " q:" in line}
+    assert set(qs) == {"HFR", "HIPI"}
+    code, out, err = run_main(["didactic", tmp_path / "nope"], capsys)
+    assert code == 2 and "Traceback" not in err

@@ -98,7 +98,7 @@ def test_foreign_checkpoint_is_rejected(uninterrupted, tmp_path):
     with pytest.raises(CheckpointError, match="another run"):
         ckpt.load_file(ckpt.list_checkpoints(run_dir / "checkpoints")[-1], run_id="someone-else")
     manifest = ckpt.list_checkpoints(run_dir / "checkpoints")[-1].with_suffix(".json")
-    manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 99'))
+    manifest.write_text(manifest.read_text().replace(f'"version": {ckpt.VERSION}', '"version": 99'))
     with pytest.raises(CheckpointError, match="format version 99"):
         ckpt.load_file(manifest.with_suffix(".pt"))
 

@@ -22,7 +22,7 @@ import torch
 from .errors import CheckpointError
 
 FORMAT = "metarelabel-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: buffers store each task's filled rows only
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
 

@@ -1,4 +1,4 @@
-"""Command-line interface: ``metarelabel {train,resume,eval,sweep,plot,envs,config}``.
+"""Command-line interface: ``metarelabel {train,resume,eval,sweep,plot,didactic,envs,config}``.
 
 User mistakes (unknown family/preset/field, bad values, an existing run directory, unreadable
 checkpoints) print one ``error:`` line and exit with status 2; nothing on disk is destroyed.
@@ -195,6 +195,13 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_didactic(args) -> int:
+    from .didactic import didactic_figure
+
+    didactic_figure(args.run_dir, args.out, quadrant=args.quadrant)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
@@ -247,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="plots", help="output directory (default: plots)")
     pl.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     pl.set_defaults(func=cmd_plot)
+
+    dd = sub.add_parser("didactic", help="Four-Corners figure: trajectories and HFR vs HIPI q(task | hovering path)")
+    dd.add_argument("run_dir", help="a four-corners run directory")
+    dd.add_argument("--quadrant", type=int, default=1, help="task whose -3 square the path hovers over (default: 1)")
+    dd.add_argument("--out", default="didactic.png", help="output image (default: didactic.png; a PDF is written beside it)")
+    dd.set_defaults(func=cmd_didactic)
 
     v = sub.add_parser("envs", help="list task families")
     v.set_defaults(func=cmd_envs)
