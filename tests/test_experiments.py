@@ -169,8 +169,9 @@ def test_hovering_path_and_didactic_figure(tmp_path, capsys):
     for quadrant in range(4):
         p = hovering_path(env, quadrant)
         R = env.reward(p.infos, np.arange(4))[0].sum(1)
-        # two steps to enter the open square, then 18 steps of -3 under its own task; -1 elsewhere
-        assert R[quadrant] == -2 - 3 * 18
+        # one step to (0.1, 0.1) on the square's open edge (-1), then 19 steps inside it (-3) under its
+        # own task; -1 per step under the others
+        assert R[quadrant] == -1 - 3 * 19
         assert all(R[k] == -20 for k in range(4) if k != quadrant)
         assert np.all(np.sign(p.infos["pos"][2:]) == np.sign(env.tasks[quadrant]))
     run = tmp_path / "run"
