@@ -79,6 +79,23 @@ PAPER: dict[str, dict[str, Any]] = {
         eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
         context_reward="true", rl_reward="true",
     ),
+    # Meta-World Sawyer (SPEC section 6); horizon 150, gamma 0.99, sparse reward everywhere
+    "sawyer-reach": dict(
+        num_iterations=40, max_path_length=150, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=10, num_steps_prior=400, num_steps_posterior=600,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=64,
+        utility_batch_size=256, reward_scale=10.0, kl_lambda=0.1, eval_runs=2,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+        context_reward="true", rl_reward="true",
+    ),
+    "sawyer-push": dict(
+        num_iterations=90, max_path_length=150, discount=0.99, num_initial_steps=2000,
+        num_tasks_sample=10, num_steps_prior=400, num_steps_posterior=600,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=64,
+        utility_batch_size=256, reward_scale=100.0, kl_lambda=0.1, eval_runs=2,
+        eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
+        context_reward="true", rl_reward="true",
+    ),
 }
 
 # Small networks, few iterations: a run takes well under a minute on 2 cores.
@@ -104,6 +121,11 @@ for _name in ("cheetah-vel", "cheetah-highdim", "ant-vel"):  # prior / extra-RL 
     QUICK[_name] = dict(_QUICK_MUJOCO, num_steps_posterior=0, num_extra_rl_steps_posterior=200)
 for _name in ("cheetah-vel-sparse", "ant-goal"):  # prior / posterior columns
     QUICK[_name] = dict(_QUICK_MUJOCO, num_steps_posterior=200, num_extra_rl_steps_posterior=0)
+# Sawyer families keep the 150-step horizon: one trajectory per train task initially (50 x 150
+# steps), 2 tasks of one prior and one posterior trajectory per iteration, 2 iterations.
+for _name in ("sawyer-reach", "sawyer-push"):
+    QUICK[_name] = dict(_QUICK_MUJOCO, num_initial_steps=150, num_steps_prior=150, num_steps_posterior=150,
+                        num_extra_rl_steps_posterior=0, eval_steps=300)
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
 

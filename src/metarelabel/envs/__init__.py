@@ -25,6 +25,8 @@ REGISTRY: dict[str, FamilyEntry] = {
     "cheetah-highdim": FamilyEntry("metarelabel.envs.mujoco_locomotion", "CheetahHighdim", "mujoco"),
     "ant-vel": FamilyEntry("metarelabel.envs.mujoco_locomotion", "AntVel", "mujoco"),
     "ant-goal": FamilyEntry("metarelabel.envs.mujoco_locomotion", "AntGoal", "mujoco"),
+    "sawyer-reach": FamilyEntry("metarelabel.envs.sawyer", "SawyerReach", "metaworld"),
+    "sawyer-push": FamilyEntry("metarelabel.envs.sawyer", "SawyerPush", "metaworld"),
 }
 
 
