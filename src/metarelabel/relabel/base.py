@@ -28,6 +28,23 @@ def check_finite(name: str, values) -> None:
         raise NonFiniteError(f"relabel/{name}", float(v[~np.isfinite(v)].ravel()[0]))
 
 
+def sample_categorical(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row of the row-stochastic matrix ``q`` (inverse CDF)."""
+    u = rng.random((q.shape[0], 1))
+    idx = (np.cumsum(q, axis=1) < u).sum(axis=1)
+    return np.minimum(idx, q.shape[1] - 1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def entropy(q: np.ndarray) -> np.ndarray:
+    return -(q * np.log(np.clip(q, 1e-300, None))).sum(-1)
+
+
 class Learner(Protocol):
     """What a relabeling strategy needs from an off-policy meta-RL learner (all batched)."""
 
@@ -108,6 +125,16 @@ class Relabeler:
 
     def choose(self, paths: list[Path]) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def draw(self, logits: np.ndarray) -> np.ndarray:
+        """One task per row of ``logits`` ``[rows, N]``: a draw from q = softmax(logits), or its
+        argmax with ``hardmax``.  Records the logits and the entropy of q."""
+        q = softmax(logits)
+        chosen = logits.argmax(axis=1) if self.cfg.hardmax else sample_categorical(q, self.ctx.rng)
+        self._record("logits", logits)
+        self._record("entropy", entropy(q))
+        self.last_q = q
+        return chosen.astype(np.int64)
 
     def update_log_z(self) -> None:
         """Recompute the partition function (once per iteration, after collection)."""

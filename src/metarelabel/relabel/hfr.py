@@ -36,23 +36,6 @@ def posterior_chunked(learner, ctx: torch.Tensor, mask: torch.Tensor | None = No
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def sample_categorical(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row of the row-stochastic matrix ``q`` (inverse CDF)."""
-    u = rng.random((q.shape[0], 1))
-    idx = (np.cumsum(q, axis=1) < u).sum(axis=1)
-    return np.minimum(idx, q.shape[1] - 1)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def entropy(q: np.ndarray) -> np.ndarray:
-    return -(q * np.log(np.clip(q, 1e-300, None))).sum(-1)
-
-
 class RewardModel(torch.nn.Module):
     """r^(s, a, g): 3 x 300 MLP, trained by MSE on the (unscaled) context rewards of SAC batches."""
 
@@ -151,16 +134,8 @@ class ForesightRelabeler(Relabeler):
     def choose(self, paths):
         U = self.utilities(paths)
         check_finite(self.value_name, U)
-        logits = U - self.log_z[None, :]
-        q = softmax(logits)
-        if self.cfg.hardmax:
-            chosen = logits.argmax(axis=1)
-        else:
-            chosen = sample_categorical(q, self.ctx.rng)
         self._record(self.value_name, U)
-        self._record("logits", logits)
-        self._record("entropy", entropy(q))
-        self.last_q = q
+        chosen = self.draw(U - self.log_z[None, :])
         return [np.full(len(p), k, np.int64) for p, k in zip(paths, chosen)]
 
     @torch.no_grad()

@@ -15,7 +15,6 @@ import torch
 
 from ..sampler import context_from
 from .base import Relabeler, check_finite, register
-from .hfr import entropy, sample_categorical, softmax
 
 
 def _logmeanexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -77,14 +76,9 @@ class HIPI(Relabeler):
     def choose(self, paths):
         R = self._pending
         log_z = self.log_z()
-        logits = R / self.cfg.hipi_temperature - log_z[None, :]
-        q = softmax(logits)
-        chosen = logits.argmax(1) if self.cfg.hardmax else sample_categorical(q, self.ctx.rng)
         self._record("return", R)
         self._record("log_z", log_z)
-        self._record("logits", logits)
-        self._record("entropy", entropy(q))
-        self.last_q = q
+        chosen = self.draw(R / self.cfg.hipi_temperature - log_z[None, :])
         return [np.full(len(p), k, np.int64) for p, k in zip(paths, chosen)]
 
     def state_dict(self):
@@ -129,12 +123,7 @@ class HIPIQ(Relabeler):
         for q_path, p in zip(self.task_q(paths), paths):
             check_finite("q_value", q_path)
             log_z = _logmeanexp(q_path, axis=1)  # [N], over the path's transitions
-            logits = (q_path - log_z[:, None]).T  # [T, N]
-            q = softmax(logits)
-            chosen = logits.argmax(1) if self.cfg.hardmax else sample_categorical(q, self.ctx.rng)
             self._record("q_value", q_path)
             self._record("log_z", log_z)
-            self._record("logits", logits)
-            self._record("entropy", entropy(q))
-            out.append(chosen.astype(np.int64))
+            out.append(self.draw((q_path - log_z[:, None]).T))  # logits [T, N]: one task per transition
         return out
