@@ -76,6 +76,31 @@ def record_rollout(env, task: int, actions) -> dict:
     return out
 
 
+# ---- random rollouts split into episodes (MuJoCo / Meta-World tests) ----
+def random_episodes(env, task: int, rng, n_steps: int = 200):
+    """``n_steps`` random steps on ``task`` (actions partly outside the box), split into
+    episodes at terminations; per episode what step returned and the stored infos."""
+    env.set_task(task)
+    episodes, ep = [], None
+    for i in range(n_steps):
+        if ep is None:
+            env.reset()
+            ep = {"r": [], "d": [], "s": [], "dense": [], "trunc": [], "infos": {k: [] for k in env.info_spec}}
+        a = rng.uniform(-1.3, 1.3, size=env.action_space.shape)
+        _, r, term, trunc, info = env.step(a)
+        for key, v in (("r", r), ("d", term), ("s", info["success"]), ("dense", info["dense_reward"]),
+                       ("trunc", trunc)):
+            ep[key].append(v)
+        for k in env.info_spec:
+            ep["infos"][k].append(info[k])
+        if term or trunc or i == n_steps - 1:
+            out = {k: np.asarray(v) for k, v in ep.items() if k != "infos"}
+            out["infos"] = {k: np.asarray(v) for k, v in ep["infos"].items()}
+            episodes.append(out)
+            ep = None
+    return episodes
+
+
 # ---- CLI -------------------------------------------------------------------------------------------
 def run_main(argv, capsys):
     """Run the CLI in-process; argparse errors (SystemExit) count as return codes."""

@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import random_episodes
+
 mujoco = pytest.importorskip("mujoco")
 
 import torch  # noqa: E402
@@ -102,30 +104,6 @@ def test_low_gear_ant(envs):
 
 
 # ---- the batched hindsight reward agrees with step ---------------------------------------------
-def _random_episodes(env, task: int, rng, n_steps: int = 200):
-    """``n_steps`` random steps on ``task`` (actions partly outside the box), split into
-    episodes at terminations; per episode what step returned and the stored infos."""
-    env.set_task(task)
-    episodes, ep = [], None
-    for i in range(n_steps):
-        if ep is None:
-            env.reset()
-            ep = {"r": [], "d": [], "s": [], "dense": [], "trunc": [], "infos": {k: [] for k in env.info_spec}}
-        a = rng.uniform(-1.3, 1.3, size=env.action_space.shape)
-        _, r, term, trunc, info = env.step(a)
-        for key, v in (("r", r), ("d", term), ("s", info["success"]), ("dense", info["dense_reward"]),
-                       ("trunc", trunc)):
-            ep[key].append(v)
-        for k in env.info_spec:
-            ep["infos"][k].append(info[k])
-        if term or trunc or i == n_steps - 1:
-            out = {k: np.asarray(v) for k, v in ep.items() if k != "infos"}
-            out["infos"] = {k: np.asarray(v) for k, v in ep["infos"].items()}
-            episodes.append(out)
-            ep = None
-    return episodes
-
-
 @pytest.mark.parametrize("family", MUJOCO_FAMILIES)
 def test_batched_reward_equals_step(envs, family):
     env = envs[family]
@@ -134,7 +112,7 @@ def test_batched_reward_equals_step(envs, family):
     all_tasks = np.arange(env.num_tasks)
     tasks = [0, 1, env.num_train - 1, int(env.eval_tasks[0]), int(env.eval_tasks[-1])]
     for task in tasks:
-        for ep in _random_episodes(env, task, rng):
+        for ep in random_episodes(env, task, rng, 200):
             T = len(ep["r"])
             r, d, s = env.reward(ep["infos"], all_tasks)
             dense = env.dense_reward(ep["infos"], all_tasks)

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import random_episodes
+
 from metarelabel.envs import REGISTRY
 
 SAWYER_FAMILIES = ("sawyer-reach", "sawyer-push")
@@ -92,27 +94,6 @@ def scripted_episode(env, task, max_steps=150):
     return out
 
 
-def random_episodes(env, task, rng, n_steps=330):
-    """``n_steps`` random steps on ``task`` (actions partly outside the box), split into
-    episodes at termination / truncation."""
-    env.set_task(task)
-    episodes, ep = [], None
-    for i in range(n_steps):
-        if ep is None:
-            env.reset()
-            ep = {"r": [], "d": [], "s": [], "dense": [], "trunc": [], "infos": {k: [] for k in env.info_spec}}
-        _, r, term, trunc, info = env.step(rng.uniform(-1.3, 1.3, 4))
-        for key, v in (("r", r), ("d", term), ("s", info["success"]), ("dense", info["dense_reward"]),
-                       ("trunc", trunc)):
-            ep[key].append(v)
-        for k in env.info_spec:
-            ep["infos"][k].append(info[k])
-        if term or trunc or i == n_steps - 1:
-            out = {k: np.asarray(v) for k, v in ep.items() if k != "infos"}
-            out["infos"] = {k: np.asarray(v) for k, v in ep["infos"].items()}
-            episodes.append(out)
-            ep = None
-    return episodes
 
 
 # ---- spaces, tasks ----------------------------------------------------------------------------
@@ -277,7 +258,7 @@ def test_batched_reward_equals_step(envs, family):
     env.reset(seed=11)
     rng = np.random.default_rng(0)
     for task in (0, 1, 49, 50, 59):
-        for ep in random_episodes(env, task, rng):
+        for ep in random_episodes(env, task, rng, 330):
             _check_batched(env, ep, task)
         # scripted episodes end in success: terminal steps and hindsight successes under
         # other tasks whose goals are close
