@@ -179,6 +179,16 @@ class Config:
         if self.learned_reward and self.relabel not in ("hfr", "hfr-bellman"):
             raise ConfigError(f"learned_reward: only hfr and hfr-bellman build relabeling contexts (relabel={self.relabel})")
 
+    @property
+    def context_reward_key(self) -> str:
+        """Buffer/path column the encoder reads: ``rewards`` or ``dense_rewards``."""
+        return "dense_rewards" if self.context_reward == "dense" else "rewards"
+
+    @property
+    def rl_reward_key(self) -> str:
+        """Buffer/path column the critic is trained on."""
+        return "dense_rewards" if self.rl_reward == "dense" else "rewards"
+
     def buffer_capacities(self, num_tasks: int) -> dict[str, int]:
         """Per-task buffer capacities.  The RL buffer holds at most what the whole run can
         collect (any one task may receive every path); the encoder buffer one iteration's worth

@@ -21,6 +21,12 @@ from .sampler import path_context, rollout
 PROTOCOL = "pearl-online"
 
 
+def train_task_sample(num_train: int, k: int) -> np.ndarray:
+    """The fixed, evenly spaced train tasks evaluated as ``meta_train/...``."""
+    k = min(k, num_train)
+    return np.unique(np.linspace(0, num_train - 1, k).round().astype(np.int64)) if k else np.zeros(0, np.int64)
+
+
 class Evaluator:
     def __init__(self, env, agent, cfg, seed: int):
         self.env, self.agent, self.cfg = env, agent, cfg
@@ -46,7 +52,7 @@ class Evaluator:
     def run_task(self, task: int):
         """Returns per-trajectory returns and success flags of one run."""
         cfg = self.cfg
-        reward_key = "dense_rewards" if cfg.context_reward == "dense" else "rewards"
+        reward_key = cfg.context_reward_key
         self.env.set_task(task)
         contexts, returns, successes = [], [], []
         steps = 0
@@ -129,8 +135,7 @@ def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = Non
     out: dict = {"iteration": int(body["iteration"]), "env_steps": int(body["payload"]["env_steps"]),
                  "protocol": PROTOCOL}
     out.update(ev.evaluate(env.eval_tasks, "meta_test"))
-    n = len(env.train_tasks)
-    k = min(cfg.num_eval_train_tasks, n)
-    if k:
-        out.update(ev.evaluate(np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)), "meta_train"))
+    sample = train_task_sample(len(env.train_tasks), cfg.num_eval_train_tasks)
+    if len(sample):
+        out.update(ev.evaluate(sample, "meta_train"))
     return out

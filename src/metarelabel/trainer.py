@@ -28,7 +28,7 @@ from .buffers import FIELDS, EncoderBuffers, Path, TaskBuffers
 from .config import Config
 from .envs import make_family
 from .errors import CheckpointError, NonFiniteError, RunDirError, TrainingDiverged
-from .evaluation import PROTOCOL, Evaluator
+from .evaluation import PROTOCOL, Evaluator, train_task_sample
 from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, Dims
 from .relabel import RelabelContext, make_relabeler
@@ -101,8 +101,8 @@ class Trainer:
         self.rl_buf = TaskBuffers(n, self.caps["rl"], obs_dim, act_dim, store_starts=True)
         self.enc_buf = EncoderBuffers(n, self.caps["encoder"], obs_dim, act_dim)
         self.smp_buf = TaskBuffers(n, self.caps["sampler"], obs_dim, act_dim)
-        self.ctx_key = "dense_rewards" if cfg.context_reward == "dense" else "rewards"
-        self.rl_key = "dense_rewards" if cfg.rl_reward == "dense" else "rewards"
+        self.ctx_key = cfg.context_reward_key
+        self.rl_key = cfg.rl_reward_key
 
         self.relabeler = make_relabeler(cfg.relabel, RelabelContext(
             cfg=cfg, family=self.env, learner=self.agent, rl_buffers=self.rl_buf, enc_buffers=self.enc_buf,
@@ -110,8 +110,7 @@ class Trainer:
 
         eval_env = make_family(cfg.family, cfg.task_seed)
         self.evaluator = Evaluator(eval_env, self.agent, cfg, seed=cfg.seed + 100_003)
-        k = min(cfg.num_eval_train_tasks, n)
-        self.eval_train_tasks = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64)) if k else np.zeros(0, np.int64)
+        self.eval_train_tasks = train_task_sample(n, cfg.num_eval_train_tasks)
 
         self.iteration = 0  # completed meta-training iterations
         self.env_steps = 0

@@ -67,8 +67,8 @@ class ForesightRelabeler(Relabeler):
         self.all_tasks = np.arange(n)
         self.device = ctx.learner.device
         cfg = ctx.cfg
-        self.ctx_key = "dense_rewards" if cfg.context_reward == "dense" else "rewards"
-        self.rl_key = "dense_rewards" if cfg.rl_reward == "dense" else "rewards"
+        self.ctx_key = cfg.context_reward_key
+        self.rl_key = cfg.rl_reward_key
         self.reward_model = None
         if cfg.learned_reward:
             fam = ctx.family

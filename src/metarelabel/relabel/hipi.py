@@ -98,7 +98,7 @@ class HIPIQ(Relabeler):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.all_tasks = np.arange(ctx.num_tasks)
-        self.ctx_key = "dense_rewards" if ctx.cfg.context_reward == "dense" else "rewards"
+        self.ctx_key = ctx.cfg.context_reward_key
 
     @torch.no_grad()
     def task_q(self, paths, z: torch.Tensor | None = None) -> list[np.ndarray]:
