@@ -9,6 +9,8 @@ termination/truncation (reset time included: this is what a rollout pays, withou
 ``step`` includes the family's own reward (the batched reward on a one-step slice).  Reported:
 the median over repeats of steps/s, and the median time of one ``reward(infos, all tasks)`` call
 on a horizon-long path (what relabeling pays per path for the hindsight rewards of all tasks).
+Image families (``image_obs``, e.g. ``visual-reacher``) also report the median time of one
+offscreen frame (``render_image``; steps/s already include one frame per step).
 Single process, ``time.perf_counter``.
 """
 from __future__ import annotations
@@ -51,6 +53,18 @@ def reward_time(env, infos, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def render_ms(env, frames: int = 500) -> float:
+    """Median over 5 repeats of the time of one ``render_image`` call, in ms."""
+    env.render_image()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            env.render_image()
+        times.append((time.perf_counter() - t0) / frames)
+    return statistics.median(times) * 1e3
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5000)
@@ -65,7 +79,8 @@ def main(argv=None) -> int:
         mj = "mujoco not installed"
     print(f"python {platform.python_version()}, numpy {np.__version__}, {mj}, {platform.machine()}")
     print(f"{args.steps} random-action steps x {args.repeats} repeats (median)\n")
-    header = f"{'family':<20} {'obs':>4} {'act':>4} {'tasks':>6} {'steps/s':>10} {'reward(all tasks, T=H)':>24}"
+    header = (f"{'family':<20} {'obs':>8} {'act':>4} {'tasks':>6} {'steps/s':>10} {'reward(all tasks, T=H)':>24}"
+              f" {'render ms/frame':>16}")
     print(header)
     print("-" * len(header))
     for name in args.families.split(","):
@@ -84,9 +99,11 @@ def main(argv=None) -> int:
             rates.append(rate)
         t_rew = reward_time(env, infos)
         T = len(next(iter(infos.values())))
-        obs, act = env.observation_space.shape[0], env.action_space.shape[0]
-        print(f"{name:<20} {obs:>4} {act:>4} {env.num_tasks:>6} {statistics.median(rates):>10,.0f} "
-              f"{t_rew * 1e3:>15.3f} ms (T={T})")
+        obs = "x".join(str(d) for d in env.observation_space.shape)
+        act = env.action_space.shape[0]
+        render = f"{render_ms(env):.3f}" if getattr(env, "image_obs", False) else "-"
+        print(f"{name:<20} {obs:>8} {act:>4} {env.num_tasks:>6} {statistics.median(rates):>10,.0f} "
+              f"{t_rew * 1e3:>15.3f} ms (T={T}) {render:>16}")
     return 0
 
 

@@ -21,7 +21,8 @@ def _run_without(module: str, code: str) -> subprocess.CompletedProcess:
 
 
 def test_mujoco_families_registered():
-    assert set(MUJOCO_FAMILIES) == {"cheetah-vel", "cheetah-vel-sparse", "cheetah-highdim", "ant-vel", "ant-goal"}
+    assert set(MUJOCO_FAMILIES) == {"cheetah-vel", "cheetah-vel-sparse", "cheetah-highdim", "ant-vel", "ant-goal",
+                                    "visual-reacher"}
 
 
 def test_missing_mujoco_extra_message(tmp_path):

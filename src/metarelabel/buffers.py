@@ -1,7 +1,9 @@
 """Per-task transition buffers (SPEC section 2).
 
 One ``TaskBuffers`` holds ring buffers for N tasks in preallocated float32 arrays of shape
-``[N, capacity, dim]``.  ``np.zeros`` reserves the memory lazily (pages are committed by the OS
+``[N, capacity, dim]``; observations (``obs``, ``next_obs`` and the start observations) may
+instead have any shape and dtype (``obs_shape``, ``obs_dtype``): image families store
+``uint8 [N, capacity, 3, H, W]``.  ``np.zeros`` reserves the memory lazily (pages are committed by the OS
 as data arrives), so a generous capacity costs nothing until it is used.  Minibatches for M
 tasks are drawn in one gather.
 
@@ -44,27 +46,47 @@ class Path:
         return self.obs[0]
 
 
+OBS_FIELDS = ("obs", "next_obs")
+
+
 def _dims(obs_dim: int, act_dim: int) -> dict[str, int]:
     return {"obs": obs_dim, "actions": act_dim, "rewards": 1, "dense_rewards": 1, "terminals": 1, "next_obs": obs_dim}
 
 
+def _layout(obs_dim, act_dim, obs_shape, obs_dtype) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-field row shape and dtype."""
+    shape = (int(obs_dim),) if obs_shape is None else tuple(int(s) for s in obs_shape)
+    out = {}
+    for k, d in _dims(obs_dim, act_dim).items():
+        out[k] = (shape, np.dtype(obs_dtype)) if k in OBS_FIELDS else ((d,), np.dtype(np.float32))
+    return out
+
+
 class TaskBuffers:
-    def __init__(self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False):
+    def __init__(self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False,
+                 obs_shape: tuple[int, ...] | None = None, obs_dtype=np.float32):
         self.num_tasks, self.capacity = int(num_tasks), int(capacity)
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
-        self.data = {k: np.zeros((num_tasks, capacity, d), np.float32) for k, d in _dims(obs_dim, act_dim).items()}
+        self.layout = _layout(obs_dim, act_dim, obs_shape, obs_dtype)
+        self.obs_shape, self.obs_dtype = self.layout["obs"]
+        self.data = {k: np.zeros((num_tasks, capacity) + shp, dt) for k, (shp, dt) in self.layout.items()}
         self.size = np.zeros(num_tasks, np.int64)
         self.ptr = np.zeros(num_tasks, np.int64)
         self.store_starts = store_starts
         if store_starts:
-            self.starts = np.zeros((num_tasks, capacity, obs_dim), np.float32)
+            self.starts = np.zeros((num_tasks, capacity) + self.obs_shape, self.obs_dtype)
             self.start_size = np.zeros(num_tasks, np.int64)
             self.start_ptr = np.zeros(num_tasks, np.int64)
 
     @staticmethod
-    def bytes_needed(num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False) -> int:
-        per = sum(_dims(obs_dim, act_dim).values()) + (obs_dim if store_starts else 0)
-        return 4 * num_tasks * capacity * per
+    def bytes_needed(num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False,
+                     obs_shape: tuple[int, ...] | None = None, obs_dtype=np.float32) -> int:
+        layout = _layout(obs_dim, act_dim, obs_shape, obs_dtype)
+        per = sum(int(np.prod(shp)) * dt.itemsize for shp, dt in layout.values())
+        if store_starts:
+            shp, dt = layout["obs"]
+            per += int(np.prod(shp)) * dt.itemsize
+        return num_tasks * capacity * per
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +105,8 @@ class TaskBuffers:
             n = cap
         idx = (self.ptr[task] + np.arange(n)) % cap
         for key in FIELDS:
-            self.data[key][task, idx] = np.asarray(transitions[key], np.float32).reshape(n, -1)
+            shp, dt = self.layout[key]
+            self.data[key][task, idx] = np.asarray(transitions[key], dt).reshape((n,) + shp)
         self.ptr[task] = (self.ptr[task] + n) % cap
         self.size[task] = min(cap, self.size[task] + n)
         if self.store_starts and start_obs is not None:
@@ -115,7 +138,7 @@ class TaskBuffers:
         return {k: self.data[k][tasks[:, None], idx] for k in keys}
 
     def sample_starts(self, tasks, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` stored start observations per task, ``[M, n, obs_dim]``."""
+        """``n`` stored start observations per task, ``[M, n, *obs_shape]``."""
         tasks = np.asarray(tasks, np.int64)
         self._check_nonempty(tasks, self.start_size, "sample_starts")
         idx = rng.integers(0, self.start_size[tasks][:, None], size=(len(tasks), n))

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .sampler import path_context, rollout
+from .sampler import context_tensor, path_context, rollout, stack_contexts
 
 PROTOCOL = "pearl-online"
 
@@ -42,7 +42,7 @@ class Evaluator:
         return torch.randn(1, L, generator=self.generator, device=self.agent.device)
 
     def _z_posterior(self, contexts: list[np.ndarray]) -> torch.Tensor:
-        ctx = torch.as_tensor(np.concatenate(contexts, 0)[None], device=self.agent.device)
+        ctx = context_tensor(stack_contexts(contexts), self.agent.device)
         with torch.no_grad():
             mu, var = self.agent.infer_posterior(ctx)
         if not self.cfg.use_information_bottleneck:
@@ -100,7 +100,7 @@ def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = Non
     from .config import load_config_json
     from .envs import make_family
     from .errors import ConfigError, RunDirError
-    from .pearl import PEARL, Dims
+    from .pearl import PEARL, make_dims
     from .trainer import resolve_device
 
     run_dir = Path(run_dir)
@@ -124,8 +124,7 @@ def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = Non
     torch.set_num_threads(cfg.torch_threads)
     dev = resolve_device(cfg.device)
     env = make_family(cfg.family, cfg.task_seed)
-    dims = Dims(int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape)), cfg.latent_dim,
-                cfg.use_next_obs_in_context)
+    dims = make_dims(env, cfg)
     agent = PEARL(dims, cfg, dev)
     try:
         agent.load_state_dict(body["payload"]["agent"], with_optimizers=False)

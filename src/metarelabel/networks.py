@@ -106,3 +106,39 @@ class TanhGaussianPolicy(nn.Module):
 
 class ContextEncoder(MLP):
     """Maps each context transition to (mu_n, sigma^2_n-preactivation): ``2 * latent`` outputs."""
+
+
+FEATURE_DIM = 50
+CONV_CHANNELS = 32
+#: strides of the 4 conv layers (3x3 kernels).  DrQ/SAC-AE use (2, 1, 1, 1) on 84x84 frames; on
+#: 64x64 frames (2, 2, 2, 1) keeps a 5x5x32 map at ~6x fewer FLOPs, which matters because every
+#: gradient step embeds meta_batch x (2 batch_size + embedding_batch_size) images.
+CONV_STRIDES = (2, 2, 2, 1)
+
+
+class ConvTrunk(nn.Module):
+    """Image observations ``uint8 [..., C, H, W]`` -> features ``[..., FEATURE_DIM]``:
+    pixels / 255, four 3x3 conv layers (``CONV_CHANNELS`` channels, ReLU), a linear layer,
+    LayerNorm and tanh (as in SAC-AE / DrQ)."""
+
+    def __init__(self, obs_shape, feature_dim: int = FEATURE_DIM, channels: int = CONV_CHANNELS,
+                 strides=CONV_STRIDES):
+        super().__init__()
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        c = self.obs_shape[0]
+        layers = []
+        for s in strides:
+            layers += [nn.Conv2d(c, channels, 3, stride=s), nn.ReLU()]
+            c = channels
+        self.convs = nn.Sequential(*layers)
+        with torch.no_grad():
+            n_flat = self.convs(torch.zeros(1, *self.obs_shape)).numel()
+        self.fc = nn.Linear(n_flat, feature_dim)
+        self.norm = nn.LayerNorm(feature_dim)
+        self.feature_dim = feature_dim
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        lead = obs.shape[: obs.dim() - len(self.obs_shape)]
+        x = obs.reshape(-1, *self.obs_shape).float() / 255.0
+        h = self.convs(x).flatten(1)
+        return torch.tanh(self.norm(self.fc(h))).reshape(*lead, self.feature_dim)

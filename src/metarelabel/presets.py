@@ -96,6 +96,17 @@ PAPER: dict[str, dict[str, Any]] = {
         eval_steps=600, exploration_trajectories=2, num_eval_train_tasks=5,
         context_reward="true", rl_reward="true",
     ),
+    # Visual-Reacher (64x64 RGB images, hidden target, sparse): horizon 50, gamma 0.99.  Like
+    # sawyer-reach's column; the RL buffer is capped at 20,000 transitions per task (images cost
+    # ~24.6 kB per transition, obs + next_obs), 10 trajectories per task initially.
+    "visual-reacher": dict(
+        num_iterations=100, max_path_length=50, discount=0.99, num_initial_steps=500,
+        num_tasks_sample=10, num_steps_prior=200, num_steps_posterior=300,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=64,
+        utility_batch_size=64, reward_scale=10.0, kl_lambda=0.1, eval_runs=2,
+        eval_steps=300, exploration_trajectories=2, num_eval_train_tasks=5,
+        context_reward="true", rl_reward="true", replay_buffer_size=20_000,
+    ),
 }
 
 # Small networks, few iterations: a run takes well under a minute on 2 cores.
@@ -126,6 +137,13 @@ for _name in ("cheetah-vel-sparse", "ant-goal"):  # prior / posterior columns
 for _name in ("sawyer-reach", "sawyer-push"):
     QUICK[_name] = dict(_QUICK_MUJOCO, num_initial_steps=150, num_steps_prior=150, num_steps_posterior=150,
                         num_extra_rl_steps_posterior=0, eval_steps=300)
+# Visual-Reacher: one 50-step trajectory per train task initially, 2 tasks of one prior and one
+# posterior trajectory per iteration, 2 iterations of 20 small gradient steps (the conv trunk
+# dominates on a CPU), evaluation of 2 trajectories per task.
+QUICK["visual-reacher"] = dict(_QUICK_MUJOCO, num_initial_steps=50, num_steps_prior=50, num_steps_posterior=50,
+                               num_extra_rl_steps_posterior=0, eval_steps=100, num_train_steps_per_itr=20,
+                               batch_size=32, embedding_batch_size=32, utility_batch_size=8, log_z_samples=4,
+                               replay_buffer_size=2_000)
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
 

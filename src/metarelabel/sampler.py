@@ -2,6 +2,11 @@
 
 Actions from the policy live in [-1, 1]; they are mapped affinely onto the environment's action
 box before ``step`` and stored in the buffers as the policy produced them.
+
+Contexts: for vector observations a float32 array ``[..., obs + act + 1 (+ obs)]``; for image
+observations (uint8) a dict ``{"obs", "actions", "rewards"[, "next_obs"]}`` of arrays with the
+same leading dims, which the learner embeds (``PEARL.context_features``).  ``context_tensor``
+moves either to a device; ``stack_contexts`` joins several along the transition axis.
 """
 from __future__ import annotations
 
@@ -36,17 +41,28 @@ def rollout(env: TaskFamily, agent, z: torch.Tensor, max_path_length: int, deter
         if terminated or truncated:
             break
     f32 = np.float32
+    odt = np.uint8 if getattr(env, "image_obs", False) else f32
     return Path(
-        obs=np.asarray(rows["obs"], f32), actions=np.asarray(rows["actions"], f32),
+        obs=np.asarray(rows["obs"], odt), actions=np.asarray(rows["actions"], f32),
         rewards=np.asarray(rows["rewards"], np.float64), dense_rewards=np.asarray(rows["dense_rewards"], np.float64),
-        terminals=np.asarray(rows["terminals"], bool), next_obs=np.asarray(rows["next_obs"], f32),
+        terminals=np.asarray(rows["terminals"], bool), next_obs=np.asarray(rows["next_obs"], odt),
         success=np.asarray(rows["success"], bool), infos={k: np.asarray(v) for k, v in infos.items()},
         task=env.task,
     )
 
 
-def context_from(batch: dict[str, np.ndarray], reward_key: str, use_next_obs: bool) -> np.ndarray:
-    """Context transitions ``[..., obs + act + 1 (+ obs)]`` from buffer samples."""
+def _is_image(obs: np.ndarray) -> bool:
+    return np.asarray(obs).dtype == np.uint8
+
+
+def context_from(batch: dict[str, np.ndarray], reward_key: str, use_next_obs: bool):
+    """Context transitions ``[..., obs + act + 1 (+ obs)]`` from buffer samples (a dict of
+    arrays for image observations)."""
+    if _is_image(batch["obs"]):
+        ctx = {"obs": batch["obs"], "actions": batch["actions"], "rewards": np.asarray(batch[reward_key], np.float32)}
+        if use_next_obs:
+            ctx["next_obs"] = batch["next_obs"]
+        return ctx
     parts = [batch["obs"], batch["actions"], batch[reward_key]]
     if use_next_obs:
         parts.append(batch["next_obs"])
@@ -54,8 +70,28 @@ def context_from(batch: dict[str, np.ndarray], reward_key: str, use_next_obs: bo
 
 
 def path_context(path: Path, rewards: np.ndarray, use_next_obs: bool) -> np.ndarray:
-    """Context ``[T, dim]`` of one path with the given per-step rewards."""
+    """Context ``[T, dim]`` of one path with the given per-step rewards (a dict of arrays for
+    image observations)."""
+    if _is_image(path.obs):
+        ctx = {"obs": path.obs, "actions": path.actions, "rewards": np.asarray(rewards, np.float32).reshape(-1, 1)}
+        if use_next_obs:
+            ctx["next_obs"] = path.next_obs
+        return ctx
     parts = [path.obs, path.actions, np.asarray(rewards, np.float32).reshape(-1, 1)]
     if use_next_obs:
         parts.append(path.next_obs)
     return np.concatenate(parts, -1).astype(np.float32)
+
+
+def context_tensor(ctx, device):
+    """A context (array or dict of arrays) as torch tensors on ``device``."""
+    if isinstance(ctx, dict):
+        return {k: torch.as_tensor(v, device=device) for k, v in ctx.items()}
+    return torch.as_tensor(ctx, device=device)
+
+
+def stack_contexts(contexts: list):
+    """Join per-path contexts ``[T_i, ...]`` along the transition axis into one ``[1, sum T, ...]``."""
+    if isinstance(contexts[0], dict):
+        return {k: np.concatenate([c[k] for c in contexts], 0)[None] for k in contexts[0]}
+    return np.concatenate(contexts, 0)[None]

@@ -30,9 +30,9 @@ from .envs import make_family
 from .errors import CheckpointError, NonFiniteError, RunDirError, TrainingDiverged
 from .evaluation import PROTOCOL, Evaluator, train_task_sample
 from .logger import Logger, summary_line, truncate_csv
-from .pearl import PEARL, Dims
+from .pearl import PEARL, make_dims
 from .relabel import RelabelContext, make_relabeler
-from .sampler import context_from, rollout
+from .sampler import context_from, context_tensor, rollout
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,13 +94,15 @@ class Trainer:
 
         obs_dim = int(np.prod(self.env.observation_space.shape))
         act_dim = int(np.prod(self.env.action_space.shape))
-        self.dims = Dims(obs_dim, act_dim, cfg.latent_dim, cfg.use_next_obs_in_context)
+        self.dims = make_dims(self.env, cfg)
         self.agent = PEARL(self.dims, cfg, self.device)
 
         self.caps = cfg.buffer_capacities(n)
-        self.rl_buf = TaskBuffers(n, self.caps["rl"], obs_dim, act_dim, store_starts=True)
-        self.enc_buf = EncoderBuffers(n, self.caps["encoder"], obs_dim, act_dim)
-        self.smp_buf = TaskBuffers(n, self.caps["sampler"], obs_dim, act_dim)
+        # image families store observations as uint8 [C, H, W]; vector families as float32 [obs]
+        layout = dict(obs_shape=self.dims.obs_shape, obs_dtype=np.uint8) if self.dims.image else {}
+        self.rl_buf = TaskBuffers(n, self.caps["rl"], obs_dim, act_dim, store_starts=True, **layout)
+        self.enc_buf = EncoderBuffers(n, self.caps["encoder"], obs_dim, act_dim, **layout)
+        self.smp_buf = TaskBuffers(n, self.caps["sampler"], obs_dim, act_dim, **layout)
         self.ctx_key = cfg.context_reward_key
         self.rl_key = cfg.rl_reward_key
 
@@ -125,8 +127,10 @@ class Trainer:
     def memory_estimate(self) -> str:
         bufs = (self.rl_buf, self.enc_buf, self.smp_buf)
         reserved = sum(b.nbytes for b in bufs)
+        kind = (f"uint8 images {'x'.join(map(str, self.dims.obs_shape))} + float32" if self.dims.image
+                else "float32")
         return (f"buffers: {self.num_tasks} tasks x (RL {self.caps['rl']:,} + encoder {self.caps['encoder']:,} + "
-                f"sampler {self.caps['sampler']:,}) transitions, float32: {_fmt_bytes(reserved)} reserved "
+                f"sampler {self.caps['sampler']:,}) transitions, {kind}: {_fmt_bytes(reserved)} reserved "
                 f"(committed as data arrives)")
 
     def start(self) -> None:
@@ -170,7 +174,7 @@ class Trainer:
     def _posterior_z(self, task: int) -> torch.Tensor:
         batch = self.smp_buf.sample([task], self.cfg.embedding_batch_size, self.rng,
                                     keys=("obs", "actions", self.ctx_key, "next_obs"))
-        ctx = torch.as_tensor(context_from(batch, self.ctx_key, self.cfg.use_next_obs_in_context), device=self.device)
+        ctx = context_tensor(context_from(batch, self.ctx_key, self.cfg.use_next_obs_in_context), self.device)
         with torch.no_grad():
             mu, var = self.agent.infer_posterior(ctx)
             return self.agent.sample_z(mu, var)
@@ -272,7 +276,7 @@ class Trainer:
         batch = {"obs": b["obs"], "actions": b["actions"], "rewards": b[self.rl_key],
                  "next_obs": b["next_obs"], "terminals": b["terminals"]}
         batch = {k: torch.as_tensor(v, device=dev) for k, v in batch.items()}
-        context = torch.as_tensor(context_from(c, self.ctx_key, cfg.use_next_obs_in_context), device=dev)
+        context = context_tensor(context_from(c, self.ctx_key, cfg.use_next_obs_in_context), dev)
         self.relabeler.on_gradient_step(tasks, b)
         return batch, context
 

@@ -27,6 +27,7 @@ REGISTRY: dict[str, FamilyEntry] = {
     "ant-goal": FamilyEntry("metarelabel.envs.mujoco_locomotion", "AntGoal", "mujoco"),
     "sawyer-reach": FamilyEntry("metarelabel.envs.sawyer", "SawyerReach", "metaworld"),
     "sawyer-push": FamilyEntry("metarelabel.envs.sawyer", "SawyerPush", "metaworld"),
+    "visual-reacher": FamilyEntry("metarelabel.envs.visual_reacher", "VisualReacher", "mujoco"),
 }
 
 

@@ -52,19 +52,23 @@ class Learner(Protocol):
     dims: Any  # .obs, .act, .latent, .context (context transition width), .use_next_obs
 
     def infer_posterior(self, context: torch.Tensor, mask: torch.Tensor | None = None):
-        """(mu, var) ``[K, L]`` from contexts ``[K, T, context]`` (mask ``[K, T]``)."""
+        """(mu, var) ``[K, L]`` from contexts ``[K, T, context]`` (mask ``[K, T]``); for image
+        observations also a dict ``{"obs", "actions", "rewards"[, "next_obs"]}``."""
+
+    def embed_obs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Features ``[..., feat]`` of observations (identity for vector observations)."""
 
     def sample_z(self, mu: torch.Tensor, var: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(mu, var); ``eps`` optional explicit standard-normal noise."""
 
     def start_state_value(self, starts: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-        """``[K]``: mean over B start states ``[K, B, obs]`` of min Q(s, a~pi(.|s,z), z)."""
+        """``[K]``: mean over B start states ``[K, B, *obs_shape]`` of min Q(s, a~pi(.|s,z), z)."""
 
     def td_error(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """``[K]``: twin-critic squared Bellman error of batches ``[K, B, .]`` under z ``[K, L]``."""
 
     def min_q(self, x: torch.Tensor) -> torch.Tensor:
-        """min over critics of Q on rows ``[n, obs + act + latent]``."""
+        """min over critics of Q on rows ``[n, feat + act + latent]`` (embedded observations)."""
 
 
 @dataclass

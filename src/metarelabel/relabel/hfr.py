@@ -10,6 +10,11 @@ log Z(psi) = log mean_i exp U_i(psi), with z_i from ``log_z_samples`` contexts o
 ``max_path_length`` random transitions of psi's sampler buffer; recomputed once per iteration.
 Everything is batched: one encoder pass over all (path, task) contexts, one policy+critic pass
 over all (path, task, start-state) rows (chunked only to bound memory).
+
+Image observations: each path's T images are embedded once by the learner's trunk
+(``embed_obs``) and the T features are broadcast over the N tasks, so the hindsight contexts are
+the same ``[P, N, T, context]`` float tensors as for vector observations (no image is copied N
+times).  Start states and log-Z contexts are image batches that the learner embeds itself.
 """
 from __future__ import annotations
 
@@ -18,20 +23,34 @@ import torch
 
 from ..buffers import FIELDS
 from ..networks import MLP
-from ..sampler import context_from
+from ..errors import ConfigError
+from ..sampler import context_from, context_tensor
 from .base import RelabelContext, Relabeler, check_finite, register
 
 # Rows per encoder / policy+critic call.  Both the batched and a per-task version do the same
 # FLOPs; chunks of a few thousand rows keep the 300-wide activations in cache (measured with
 # benchmarks/relabel.py: 65,536-row chunks ran at ~60% of the GEMM rate of 4,096-row ones).
 MAX_ROWS = 4096
+# Images per chunk where rows carry images (contexts, start states): a 64x64 frame's first conv
+# activations alone take ~120 kB, so 1,024-image chunks bound the peak memory to ~0.2 GB.
+MAX_IMAGE_ROWS = 1024
+
+
+def _max_rows(learner) -> int:
+    return MAX_IMAGE_ROWS if getattr(learner.dims, "image", False) else MAX_ROWS
 
 
 def posterior_chunked(learner, ctx: torch.Tensor, mask: torch.Tensor | None = None):
-    """``learner.infer_posterior`` over ``[K, T, d]`` contexts in chunks of about MAX_ROWS rows."""
-    K, T = ctx.shape[:2]
-    step = max(1, MAX_ROWS // max(T, 1))
-    parts = [learner.infer_posterior(ctx[i:i + step], None if mask is None else mask[i:i + step])
+    """``learner.infer_posterior`` over ``[K, T, d]`` contexts (or image context dicts) in chunks
+    of about MAX_ROWS rows."""
+    lead = ctx["actions"] if isinstance(ctx, dict) else ctx
+    K, T = lead.shape[:2]
+    step = max(1, (MAX_IMAGE_ROWS if isinstance(ctx, dict) else MAX_ROWS) // max(T, 1))
+
+    def part(i):
+        return {k: v[i:i + step] for k, v in ctx.items()} if isinstance(ctx, dict) else ctx[i:i + step]
+
+    parts = [learner.infer_posterior(part(i), None if mask is None else mask[i:i + step])
              for i in range(0, K, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -70,6 +89,8 @@ class ForesightRelabeler(Relabeler):
         self.ctx_key = cfg.context_reward_key
         self.rl_key = cfg.rl_reward_key
         self.reward_model = None
+        if cfg.learned_reward and getattr(ctx.learner.dims, "image", False):
+            raise ConfigError("learned_reward: not supported with image observations")
         if cfg.learned_reward:
             fam = ctx.family
             obs_dim = int(np.prod(fam.observation_space.shape))
@@ -94,6 +115,8 @@ class ForesightRelabeler(Relabeler):
             rew = fam.dense_reward(infos, self.all_tasks)
         P, Tm = len(paths), max(lengths)
         dcfg = self.ctx.learner.dims
+        if getattr(dcfg, "image", False):
+            return self._image_hindsight(paths, lengths, rew, term)
         ctx = np.zeros((P, n, Tm, dcfg.context), np.float32)
         mask = np.zeros((P, n, Tm), np.float32)
         start = 0
@@ -117,6 +140,27 @@ class ForesightRelabeler(Relabeler):
                 goals = self.goals[None, :, None, :].expand(P, n, Tm, -1)
                 ctx_t[..., od + ad] = self.reward_model(ctx_t[..., :od], ctx_t[..., od:od + ad], goals)
         return ctx_t, torch.as_tensor(mask, device=self.device)
+
+    def _image_hindsight(self, paths, lengths, rew, term):
+        """``hindsight`` for image observations: features of each path's images computed once
+        (``learner.embed_obs``) and broadcast over the N tasks."""
+        learner, dev = self.ctx.learner, self.device
+        dcfg, n = learner.dims, self.ctx.num_tasks
+        P, Tm, F, A = len(paths), max(lengths), dcfg.feat, dcfg.act
+        ctx = torch.zeros(P, n, Tm, dcfg.context, device=dev)
+        mask = np.zeros((P, n, Tm), np.float32)
+        start = 0
+        for i, p in enumerate(paths):
+            T = lengths[i]
+            r, d = rew[:, start:start + T], term[:, start:start + T]
+            start += T
+            mask[i, :, :T] = ~(np.cumsum(d, axis=1) - d > 0)
+            ctx[i, :, :T, :F] = learner.embed_obs(torch.as_tensor(p.obs, device=dev))  # [T, F] -> every task
+            ctx[i, :, :T, F:F + A] = torch.as_tensor(p.actions, device=dev)
+            ctx[i, :, :T, F + A] = torch.as_tensor(r, dtype=torch.float32, device=dev)
+            if dcfg.use_next_obs:
+                ctx[i, :, :T, F + A + 1:] = learner.embed_obs(torch.as_tensor(p.next_obs, device=dev))
+        return ctx, torch.as_tensor(mask, device=dev)
 
     # ---- utilities and assignment ---------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +193,7 @@ class ForesightRelabeler(Relabeler):
             a = torch.as_tensor(b["actions"], device=self.device)
             g = self.goals[torch.as_tensor(tasks, device=self.device)][:, None, :].expand(-1, H, -1)
             b[self.ctx_key] = self.reward_model(o, a, g).unsqueeze(-1).cpu().numpy()
-        ctx = torch.as_tensor(context_from(b, self.ctx_key, learner.dims.use_next_obs), device=self.device)
+        ctx = context_tensor(context_from(b, self.ctx_key, learner.dims.use_next_obs), self.device)
         z = learner.sample_z(*posterior_chunked(learner, ctx))
         values = self.task_values(tasks, z).reshape(n, S).double()
         self.log_z = (torch.logsumexp(values, 1) - np.log(S)).cpu().numpy()
@@ -191,7 +235,7 @@ class HFR(ForesightRelabeler):
         B = self.cfg.utility_batch_size
         starts = torch.as_tensor(self.ctx.rl_buffers.sample_starts(tasks, B, self.ctx.rng), device=self.device)
         learner = self.ctx.learner
-        chunk = max(1, MAX_ROWS // B)
+        chunk = max(1, _max_rows(learner) // B)
         out = [learner.start_state_value(starts[i:i + chunk], z[i:i + chunk], None if eps is None else eps[i:i + chunk])
                for i in range(0, len(tasks), chunk)]
         return torch.cat(out)
@@ -211,7 +255,7 @@ class HFRBellman(ForesightRelabeler):
                  "terminals": b["terminals"]}
         batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
         learner = self.ctx.learner
-        chunk = max(1, MAX_ROWS // B)
+        chunk = max(1, _max_rows(learner) // B)
         out = [-learner.td_error({k: v[i:i + chunk] for k, v in batch.items()}, z[i:i + chunk])
                for i in range(0, len(tasks), chunk)]
         return torch.cat(out)

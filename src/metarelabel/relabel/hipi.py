@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sampler import context_from
+from ..sampler import context_from, context_tensor
 from .base import Relabeler, check_finite, register
 
 
@@ -108,9 +108,11 @@ class HIPIQ(Relabeler):
         if z is None:
             b = self.ctx.enc_buffers.sample(self.all_tasks, self.cfg.embedding_batch_size, self.ctx.rng,
                                             keys=("obs", "actions", self.ctx_key, "next_obs"))
-            ctx = torch.as_tensor(context_from(b, self.ctx_key, learner.dims.use_next_obs), device=dev)
+            ctx = context_tensor(context_from(b, self.ctx_key, learner.dims.use_next_obs), dev)
             z = learner.sample_z(*learner.infer_posterior(ctx))
         obs = torch.as_tensor(np.concatenate([p.obs for p in paths]), device=dev)
+        if getattr(learner.dims, "image", False):  # embed each image once; features broadcast over tasks
+            obs = learner.embed_obs(obs)
         act = torch.as_tensor(np.concatenate([p.actions for p in paths]), device=dev)
         T = obs.shape[0]
         x = torch.cat([obs.expand(n, T, -1), act.expand(n, T, -1), z[:, None, :].expand(n, T, -1)], -1)  # [N, T, s+a+z]
