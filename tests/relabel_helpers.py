@@ -78,6 +78,9 @@ class StubLearner:
         self.seen_contexts: list[torch.Tensor] = []
         self.seen_starts: list[torch.Tensor] = []
 
+    def embed_obs(self, obs):
+        return obs  # vector observations: the identity, as the learner protocol says
+
     def infer_posterior(self, context, mask=None):
         self.seen_contexts.append(context.clone())
         o, a = self.dims.obs, self.dims.act

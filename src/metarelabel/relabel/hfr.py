@@ -113,39 +113,8 @@ class ForesightRelabeler(Relabeler):
         rew, term, _ = fam.reward(infos, self.all_tasks)  # [N, sum T]: one vectorized call
         if self.ctx_key == "dense_rewards":
             rew = fam.dense_reward(infos, self.all_tasks)
-        P, Tm = len(paths), max(lengths)
-        dcfg = self.ctx.learner.dims
-        if getattr(dcfg, "image", False):
-            return self._image_hindsight(paths, lengths, rew, term)
-        ctx = np.zeros((P, n, Tm, dcfg.context), np.float32)
-        mask = np.zeros((P, n, Tm), np.float32)
-        start = 0
-        for i, p in enumerate(paths):
-            T = lengths[i]
-            r, d = rew[:, start:start + T], term[:, start:start + T]
-            start += T
-            # valid up to and including the first terminal under each task
-            after = np.cumsum(d, axis=1) - d > 0
-            mask[i, :, :T] = ~after
-            o, a = p.obs, p.actions
-            ctx[i, :, :T, : o.shape[1]] = o
-            ctx[i, :, :T, o.shape[1]: o.shape[1] + a.shape[1]] = a
-            ctx[i, :, :T, o.shape[1] + a.shape[1]] = r
-            if dcfg.use_next_obs:
-                ctx[i, :, :T, o.shape[1] + a.shape[1] + 1:] = p.next_obs
-        ctx_t = torch.as_tensor(ctx, device=self.device)
-        if self.reward_model is not None:
-            od, ad = dcfg.obs, dcfg.act
-            with torch.no_grad():
-                goals = self.goals[None, :, None, :].expand(P, n, Tm, -1)
-                ctx_t[..., od + ad] = self.reward_model(ctx_t[..., :od], ctx_t[..., od:od + ad], goals)
-        return ctx_t, torch.as_tensor(mask, device=self.device)
-
-    def _image_hindsight(self, paths, lengths, rew, term):
-        """``hindsight`` for image observations: features of each path's images computed once
-        (``learner.embed_obs``) and broadcast over the N tasks."""
         learner, dev = self.ctx.learner, self.device
-        dcfg, n = learner.dims, self.ctx.num_tasks
+        dcfg = learner.dims
         P, Tm, F, A = len(paths), max(lengths), dcfg.feat, dcfg.act
         ctx = torch.zeros(P, n, Tm, dcfg.context, device=dev)
         mask = np.zeros((P, n, Tm), np.float32)
@@ -154,12 +123,17 @@ class ForesightRelabeler(Relabeler):
             T = lengths[i]
             r, d = rew[:, start:start + T], term[:, start:start + T]
             start += T
-            mask[i, :, :T] = ~(np.cumsum(d, axis=1) - d > 0)
-            ctx[i, :, :T, :F] = learner.embed_obs(torch.as_tensor(p.obs, device=dev))  # [T, F] -> every task
+            mask[i, :, :T] = ~(np.cumsum(d, axis=1) - d > 0)  # up to and incl. the first terminal under each task
+            # observations (image features: embedded once per path) are shared by every task's context
+            ctx[i, :, :T, :F] = learner.embed_obs(torch.as_tensor(p.obs, device=dev))
             ctx[i, :, :T, F:F + A] = torch.as_tensor(p.actions, device=dev)
             ctx[i, :, :T, F + A] = torch.as_tensor(r, dtype=torch.float32, device=dev)
             if dcfg.use_next_obs:
                 ctx[i, :, :T, F + A + 1:] = learner.embed_obs(torch.as_tensor(p.next_obs, device=dev))
+        if self.reward_model is not None:  # vector observations only (config validation)
+            with torch.no_grad():
+                goals = self.goals[None, :, None, :].expand(P, n, Tm, -1)
+                ctx[..., F + A] = self.reward_model(ctx[..., :F], ctx[..., F:F + A], goals)
         return ctx, torch.as_tensor(mask, device=dev)
 
     # ---- utilities and assignment ---------------------------------------------------------------------
