@@ -101,6 +101,26 @@ def random_episodes(env, task: int, rng, n_steps: int = 200):
     return episodes
 
 
+def quick_hfr_run(family: str, run_dir) -> tuple[str, list[str]]:
+    """``train FAMILY --preset quick --relabel hfr`` in-process; asserts success and two logged
+    iterations, prints the wall time; returns stdout and the progress.csv lines."""
+    import contextlib
+    import io
+    import time
+
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(["train", family, "--preset", "quick", "--relabel", "hfr", "--run-dir", str(run_dir),
+                         "--no-tensorboard", "--progress", "off"])
+    elapsed = time.perf_counter() - t0
+    assert code == 0, out.getvalue()
+    rows = (Path(run_dir) / "progress.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # header + 2 iterations
+    print(f"{family}: quick run {elapsed:.1f}s")
+    return out.getvalue(), rows
+
+
 # ---- CLI -------------------------------------------------------------------------------------------
 def run_main(argv, capsys):
     """Run the CLI in-process; argparse errors (SystemExit) count as return codes."""

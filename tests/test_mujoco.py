@@ -5,21 +5,18 @@ unhealthy, task sets fixed by the task seed, and a quick training run per family
 Needs the ``mujoco`` extra; run with ``pytest -m mujoco``."""
 from __future__ import annotations
 
-import contextlib
 import io
-import time
 
 import numpy as np
 import pytest
 
-from conftest import random_episodes
+from conftest import quick_hfr_run, random_episodes
 
 mujoco = pytest.importorskip("mujoco")
 
 import torch  # noqa: E402
 
 from metarelabel import checkpoint as ckpt  # noqa: E402
-from metarelabel.cli import main as cli_main  # noqa: E402
 from metarelabel.envs import make_family  # noqa: E402
 from metarelabel.envs import mujoco_locomotion as ml  # noqa: E402
 from metarelabel.presets import make_config  # noqa: E402
@@ -292,15 +289,5 @@ def test_paper_presets():
 
 @pytest.mark.parametrize("family", MUJOCO_FAMILIES)
 def test_quick_train_run(family, tmp_path):
-    run_dir = tmp_path / "run"
-    out = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        code = cli_main(["train", family, "--preset", "quick", "--relabel", "hfr", "--run-dir", str(run_dir),
-                         "--no-tensorboard", "--progress", "off"])
-    elapsed = time.perf_counter() - t0
-    assert code == 0, out.getvalue()
-    rows = (run_dir / "progress.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2  # header + 2 iterations
-    assert "meta_test/return" in out.getvalue()
-    print(f"{family}: quick run {elapsed:.1f}s")
+    out, rows = quick_hfr_run(family, tmp_path / "run")
+    assert "meta_test/return" in out

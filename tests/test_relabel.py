@@ -201,7 +201,6 @@ def test_hfr_update_log_z_is_log_mean_exp_of_known_utilities():
 
 def test_hfr_bellman_utility_is_minus_td_error():
     rel, ctx = stub_context("hfr-bellman", keep_original_prob=0.0)
-    learner = ctx.learner
     rewards, xs = [-1.0, -3.0, 0.0, -0.5], [0.2, -0.3, 0.6, 0.0]
     for k in range(N_FC):
         ctx.rl_buffers.add(k, constant_rows(10, (xs[k], 0.0), (0, 0), rewards[k]), start_obs=STARTS[k])
@@ -803,7 +802,7 @@ def test_store_per_transition_assignment(tmp_path, monkeypatch):
     A = point_path([(0.3, 0.3), (0.9, 0.9), (0.5, 0.5), (0.5, -0.3), (0.9, -0.9)], 2, fam, np.random.default_rng(0))
     assign = np.array([1, 1, 2, 3, 1])
     monkeypatch.setattr(tr.relabeler, "choose", lambda paths: [assign.copy()])
-    rl, enc = BufferSnapshot(tr.rl_buf), BufferSnapshot(tr.enc_buf)
+    rl = BufferSnapshot(tr.rl_buf)
     tr.store([A], feeds_encoder=True)
     np.testing.assert_array_equal(tr.rl_buf.size - rl.size, [0, 3, 1, 1])
     np.testing.assert_array_equal(tr.rl_buf.start_size, rl.start_size)  # no start state stored

@@ -7,17 +7,15 @@ Needs the ``metaworld`` extra; run with ``pytest -m metaworld``.  The missing-ex
 at the end needs neither extra (it simulates the missing import) and runs in the default suite."""
 from __future__ import annotations
 
-import contextlib
 import io
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
-from conftest import random_episodes
+from conftest import quick_hfr_run, random_episodes
 
 from metarelabel.envs import REGISTRY
 
@@ -474,20 +472,8 @@ def test_paper_presets(mw):
 @metaworld_test
 @pytest.mark.parametrize("family", SAWYER_FAMILIES)
 def test_quick_train_run(mw, family, tmp_path):
-    from metarelabel.cli import main as cli_main
-
-    run_dir = tmp_path / "run"
-    out = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        code = cli_main(["train", family, "--preset", "quick", "--relabel", "hfr", "--run-dir", str(run_dir),
-                         "--no-tensorboard", "--progress", "off"])
-    elapsed = time.perf_counter() - t0
-    assert code == 0, out.getvalue()
-    rows = (run_dir / "progress.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2  # header + 2 iterations
-    assert "meta_test/success_rate" in rows[0] and "meta_test/return" in out.getvalue()
-    print(f"{family}: quick run {elapsed:.1f}s")
+    out, rows = quick_hfr_run(family, tmp_path / "run")
+    assert "meta_test/success_rate" in rows[0] and "meta_test/return" in out
 
 
 # ---- without the extra ------------------------------------------------------------------------------

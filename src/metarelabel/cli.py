@@ -6,7 +6,6 @@ checkpoints) print one ``error:`` line and exit with status 2; nothing on disk i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
