@@ -101,6 +101,25 @@ def random_episodes(env, task: int, rng, n_steps: int = 200):
     return episodes
 
 
+def check_batched_reward(env, ep, task: int, subset):
+    """The family's batched reward over all tasks agrees exactly with what ``step`` returned for
+    ``task`` in episode ``ep`` (see ``random_episodes``), and a ``subset`` of tasks (any order,
+    repeats allowed) gives the same rows.  Returns rewards, terminals, success ``[N, T]``."""
+    all_tasks = np.arange(env.num_tasks)
+    r, d, s = env.reward(ep["infos"], all_tasks)
+    dense = env.dense_reward(ep["infos"], all_tasks)
+    assert r.shape == d.shape == s.shape == dense.shape == (env.num_tasks, len(ep["r"]))
+    assert r.dtype == np.float64 and d.dtype == bool and s.dtype == bool
+    assert np.array_equal(r[task], ep["r"])
+    assert np.array_equal(d[task], ep["d"])
+    assert np.array_equal(s[task], ep["s"])
+    assert np.array_equal(dense[task], ep["dense"])
+    subset = np.asarray(subset)
+    r2, d2, s2 = env.reward(ep["infos"], subset)
+    assert np.array_equal(r2, r[subset]) and np.array_equal(d2, d[subset]) and np.array_equal(s2, s[subset])
+    return r, d, s
+
+
 def quick_hfr_run(family: str, run_dir) -> tuple[str, list[str]]:
     """``train FAMILY --preset quick --relabel hfr`` in-process; asserts success and two logged
     iterations, prints the wall time; returns stdout and the progress.csv lines."""

@@ -25,25 +25,28 @@ def test_mujoco_families_registered():
                                     "visual-reacher"}
 
 
-def test_missing_mujoco_extra_message(tmp_path):
-    proc = _run_without("mujoco", f"""
+@pytest.mark.parametrize("extra,train_family", [("mujoco", "ant-goal"), ("metaworld", "sawyer-push")])
+def test_missing_extra_message(tmp_path, extra, train_family):
+    families = [name for name, entry in REGISTRY.items() if entry.extra == extra]
+    assert train_family in families
+    proc = _run_without(extra, f"""
         from metarelabel.envs import family_class
         from metarelabel.errors import ConfigError
-        for name in {MUJOCO_FAMILIES!r}:
+        for name in {families!r}:
             try:
                 family_class(name)
             except ConfigError as exc:
-                assert "install metarelabel[mujoco]" in str(exc), exc
+                assert "install metarelabel[{extra}]" in str(exc), exc
             else:
-                raise SystemExit(f"{{name}} imported without mujoco")
+                raise SystemExit(f"{{name}} imported without {extra}")
         family_class("four-corners")  # the numpy families do not need it
         from metarelabel.cli import main
-        sys.exit(main(["train", "ant-goal", "--preset", "quick", "--run-dir", {str(tmp_path / "run")!r}]))
+        sys.exit(main(["train", {train_family!r}, "--preset", "quick", "--run-dir", {str(tmp_path / "run")!r}]))
     """)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and "install metarelabel[mujoco]" in lines[0], lines
+    assert len(lines) == 1 and "error:" in lines[0] and f"install metarelabel[{extra}]" in lines[0], lines
     assert not (tmp_path / "run").exists()
 
 

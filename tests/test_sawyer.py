@@ -3,19 +3,16 @@ with ``step`` exactly, task sets fixed by the task seed, object/goal separation,
 with goal-visible scripted controllers, seeding that really takes effect, checkpoint state,
 presets and a quick training run per family.
 
-Needs the ``metaworld`` extra; run with ``pytest -m metaworld``.  The missing-extra message test
-at the end needs neither extra (it simulates the missing import) and runs in the default suite."""
+Needs the ``metaworld`` extra; run with ``pytest -m metaworld``.  The missing-extra message is
+tested in tests/test_optional_extras.py (default suite)."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import quick_hfr_run, random_episodes
+from conftest import check_batched_reward, quick_hfr_run, random_episodes
 
 from metarelabel.envs import REGISTRY
 
@@ -231,20 +228,8 @@ def test_seeding_determinism(family):
 
 # ---- the batched hindsight reward agrees with step ---------------------------------------------
 def _check_batched(env, ep, task):
-    all_tasks = np.arange(env.num_tasks)
-    T = len(ep["r"])
-    r, d, s = env.reward(ep["infos"], all_tasks)
-    dense = env.dense_reward(ep["infos"], all_tasks)
-    assert r.shape == d.shape == s.shape == dense.shape == (env.num_tasks, T)
-    assert r.dtype == np.float64 and d.dtype == bool and s.dtype == bool
-    assert np.array_equal(r[task], ep["r"])
-    assert np.array_equal(d[task], ep["d"])
-    assert np.array_equal(s[task], ep["s"])
-    assert np.array_equal(dense[task], ep["dense"])
+    r, d, s = check_batched_reward(env, ep, task, [task, 0, env.num_tasks - 1, task])
     assert np.array_equal(d, s) and np.array_equal(r, np.where(s, 0.0, -1.0))
-    sub = [task, 0, env.num_tasks - 1, task]
-    r2, d2, s2 = env.reward(ep["infos"], sub)
-    assert np.array_equal(r2, r[sub]) and np.array_equal(d2, d[sub]) and np.array_equal(s2, s[sub])
     assert not d[task][:-1].any() and not ep["trunc"][:-1].any()
     return s
 
@@ -475,28 +460,3 @@ def test_quick_train_run(mw, family, tmp_path):
     out, rows = quick_hfr_run(family, tmp_path / "run")
     assert "meta_test/success_rate" in rows[0] and "meta_test/return" in out
 
-
-# ---- without the extra ------------------------------------------------------------------------------
-def test_missing_metaworld_extra_message(tmp_path):
-    """With ``metaworld`` not importable (simulated in a subprocess), asking for a Sawyer family
-    says ``install metarelabel[metaworld]`` (a one-line usage error from the CLI, exit 2)."""
-    prog = "import sys\nsys.modules['metaworld'] = None\n" + textwrap.dedent(f"""
-        from metarelabel.envs import family_class
-        from metarelabel.errors import ConfigError
-        for name in {list(SAWYER_FAMILIES)!r}:
-            try:
-                family_class(name)
-            except ConfigError as exc:
-                assert "install metarelabel[metaworld]" in str(exc), exc
-            else:
-                raise SystemExit(f"{{name}} imported without metaworld")
-        family_class("four-corners")
-        from metarelabel.cli import main
-        sys.exit(main(["train", "sawyer-push", "--preset", "quick", "--run-dir", {str(tmp_path / "run")!r}]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "error:" in lines[0] and "install metarelabel[metaworld]" in lines[0], lines
-    assert not (tmp_path / "run").exists()
