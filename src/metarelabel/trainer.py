@@ -305,7 +305,7 @@ class Trainer:
         t0 = self._tic()
         losses = self.train_steps(cfg.num_train_steps_per_itr)
         train_s = time.perf_counter() - t0
-        self._check_finite(losses, it)
+        self._check_finite(losses)
         row: dict[str, float] = {"iteration": it, "env_steps": self.env_steps}
         row.update(losses)
         if self._collected:
@@ -332,7 +332,7 @@ class Trainer:
         self.iteration = it
         return row
 
-    def _check_finite(self, losses: dict[str, float], it: int) -> None:
+    def _check_finite(self, losses: dict[str, float]) -> None:
         for k, v in losses.items():
             if not math.isfinite(v):
                 raise NonFiniteError(k, v)

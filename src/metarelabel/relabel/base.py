@@ -28,6 +28,13 @@ def check_finite(name: str, values) -> None:
         raise NonFiniteError(f"relabel/{name}", float(v[~np.isfinite(v)].ravel()[0]))
 
 
+def until_first_terminal(terminals: np.ndarray) -> np.ndarray:
+    """Boolean mask ``[..., T]``: steps up to and including the first terminal (per row) — the
+    part of a path that is filed under a task when it is relabeled to it."""
+    d = np.asarray(terminals, bool)
+    return (np.cumsum(d, axis=-1) - d) == 0
+
+
 def sample_categorical(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One draw per row of the row-stochastic matrix ``q`` (inverse CDF)."""
     u = rng.random((q.shape[0], 1))

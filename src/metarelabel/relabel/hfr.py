@@ -25,7 +25,7 @@ from ..buffers import FIELDS
 from ..networks import MLP
 from ..errors import ConfigError
 from ..sampler import context_from, context_tensor
-from .base import RelabelContext, Relabeler, check_finite, register
+from .base import RelabelContext, Relabeler, check_finite, register, until_first_terminal
 
 # Rows per encoder / policy+critic call.  Both the batched and a per-task version do the same
 # FLOPs; chunks of a few thousand rows keep the 300-wide activations in cache (measured with
@@ -123,7 +123,7 @@ class ForesightRelabeler(Relabeler):
             T = lengths[i]
             r, d = rew[:, start:start + T], term[:, start:start + T]
             start += T
-            mask[i, :, :T] = ~(np.cumsum(d, axis=1) - d > 0)  # up to and incl. the first terminal under each task
+            mask[i, :, :T] = until_first_terminal(d)  # the part filed under each task
             # observations (image features: embedded once per path) are shared by every task's context
             ctx[i, :, :T, :F] = learner.embed_obs(torch.as_tensor(p.obs, device=dev))
             ctx[i, :, :T, F:F + A] = torch.as_tensor(p.actions, device=dev)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..sampler import context_from, context_tensor
-from .base import Relabeler, check_finite, register
+from .base import Relabeler, check_finite, register, until_first_terminal
 
 
 def _logmeanexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -46,8 +46,7 @@ class HIPI(Relabeler):
         out = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             d = term[:, a:b]
-            valid = (np.cumsum(d, axis=1) - d) == 0  # up to its first terminal under psi, as filed
-            out.append((rew[:, a:b] * valid).sum(1))
+            out.append((rew[:, a:b] * until_first_terminal(d)).sum(1))
         return np.stack(out)
 
     def log_z(self) -> np.ndarray:
