@@ -68,6 +68,22 @@ def test_preset_names_and_unknown():
     assert preset_values("four-corners", "quick")["preset"] == "quick"
 
 
+def test_cpu_preset():
+    """``cpu`` keeps the paper's reward scale, KL weight and evaluation protocol and shrinks the
+    compute; it exists only for the two families it was sized on."""
+    for fam in ("four-corners", "sparse-point-robot"):
+        paper, cpu = make_config(fam, "paper"), make_config(fam, "cpu")
+        assert cpu.preset == "cpu"
+        for f in ("reward_scale", "kl_lambda", "discount", "max_path_length", "eval_steps",
+                  "exploration_trajectories", "context_reward", "latent_dim"):
+            assert getattr(cpu, f) == getattr(paper, f), f
+        assert (cpu.hidden_dim, cpu.encoder_hidden_dim, cpu.num_iterations) == (64, 64, 150)
+        assert cpu.num_train_steps_per_itr < paper.num_train_steps_per_itr
+    assert make_config("sparse-point-robot", "cpu").rl_reward == "dense"  # PEARL's recipe
+    with pytest.raises(ConfigError, match="covers: four-corners, sparse-point-robot"):
+        make_config("point-robot", "cpu")
+
+
 def test_overrides_apply():
     c = make_config("four-corners", "quick", {"seed": 3, "lr": 1e-3, "relabel": "hfr", "hardmax": True})
     assert (c.seed, c.lr, c.relabel, c.hardmax) == (3, 1e-3, "hfr", True)

@@ -2,7 +2,8 @@
 
 ``paper`` holds the hyperparameters of the HFR paper (SPEC section 6; point robots follow
 PEARL).  ``quick`` is a small variant that finishes in well under 3 minutes on 2 CPU cores:
-for demos, smoke tests and CI, not for results.
+for demos, smoke tests and CI, not for results.  ``cpu`` (four-corners and sparse-point-robot
+only) is sized for results on a CPU: about 10 minutes per run on one core.
 """
 from __future__ import annotations
 
@@ -145,7 +146,29 @@ QUICK["visual-reacher"] = dict(_QUICK_MUJOCO, num_initial_steps=50, num_steps_pr
                                batch_size=32, embedding_batch_size=32, utility_batch_size=8, log_z_samples=4,
                                replay_buffer_size=2_000)
 
-PRESETS = {"paper": PAPER, "quick": QUICK}
+# ``cpu``: one run in about 8-10 minutes on one core of this project's 2-core machine, sized with
+# pilot runs (docs/results.md).  Against ``paper``: 3x64 networks and encoder instead of 3x300 /
+# 3x200, meta-batch 4-8 x 128 transitions with 128 context transitions (paper 8-16 x 256 with
+# 1024), 400-500 gradient steps per iteration (paper 1000), 4-5 tasks of 100 prior + 300
+# posterior steps per iteration (paper 10 x (100 + 900)) and 150 iterations (paper 300 / 500).
+# Reward scale, KL weight, discount, horizon and the evaluation protocol are the paper's.
+_CPU = dict(
+    hidden_dim=64, encoder_hidden_dim=64, batch_size=128, embedding_batch_size=128,
+    utility_batch_size=128, num_steps_prior=100, num_steps_posterior=300, num_iterations=150,
+    checkpoint_every=25,
+)
+CPU: dict[str, dict[str, Any]] = {
+    # eval tasks are the 4 train tasks, so no separate meta_train evaluation
+    "four-corners": dict(_CPU, meta_batch=4, num_train_steps_per_itr=500, num_tasks_sample=4,
+                         num_eval_train_tasks=0),
+    # PEARL's recipe: the encoder sees the sparse reward, the critic learns from the dense one
+    # (sparse everywhere did not learn within this budget in pilots).  20 eval tasks: one run
+    # per task, every 5th iteration.
+    "sparse-point-robot": dict(_CPU, meta_batch=8, num_train_steps_per_itr=400, num_tasks_sample=5,
+                               eval_every=5, eval_runs=1, num_eval_train_tasks=0, rl_reward="dense"),
+}
+
+PRESETS = {"paper": PAPER, "quick": QUICK, "cpu": CPU}
 
 
 def preset_names() -> list[str]:
@@ -161,7 +184,8 @@ def preset_values(family: str, preset: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
     table = PRESETS[preset]
     if family not in table:
-        raise ConfigError(f"preset {preset!r} has no entry for family {family!r}")
+        raise ConfigError(f"preset {preset!r} has no entry for family {family!r} "
+                          f"(it covers: {', '.join(table)})")
     base = dict(_COMMON)
     if preset != "paper":
         base.update(PAPER.get(family, {}))
