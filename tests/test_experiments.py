@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
 import pytest
 
 from conftest import read_csv
+from metarelabel.errors import ConfigError
 from metarelabel.presets import make_config
 from metarelabel.sweep import RunSpec, expand, run_local, run_state
 
 pytest.importorskip("rliable", reason="plot tests need the plot extra: pip install metarelabel[plot]")
-from metarelabel.plot import curves, find_runs, group_runs, iqm_ci, load_run, plot_runs  # noqa: E402
+from metarelabel.plot import (  # noqa: E402
+    curves, final_scores, find_runs, group_runs, iqm_ci, load_run, plot_runs,
+)
 
 
 def direct_iqm(x) -> float:
@@ -87,6 +91,24 @@ def test_plot_runs_curves_and_final_table(tmp_path):
     np.testing.assert_array_equal(its, [1, 2, 3, 4, 5])
     np.testing.assert_allclose(x, [100 * (i + 1) + 2 for i in range(5)])  # mean of seeds 0..4 offsets
     assert y.shape == (5, 5)
+
+
+def test_final_window_averages_the_last_iterations(tmp_path):
+    # eval every 2nd iteration (NaN between): the last 4 iterations hold evaluations 0.5 and 1.0
+    fake_run(tmp_path, "hfr", 0, [-5.0, math.nan, -4.0, math.nan, -2.0, math.nan, -1.0],
+             [0.0, math.nan, 0.25, math.nan, 0.5, math.nan, 1.0])
+    fake_run(tmp_path, "hfr", 1, [-5.0, math.nan, -4.0, math.nan, -3.0, math.nan, -3.0],
+             [0.0, math.nan, 0.0, math.nan, 0.0, math.nan, 0.5])
+    grouped = group_runs([load_run(p) for p in find_runs([tmp_path])])
+    group = grouped["four-corners"]["hfr"]
+    np.testing.assert_allclose(final_scores(group, "meta_test/success_rate"), [1.0, 0.5])
+    np.testing.assert_allclose(final_scores(group, "meta_test/success_rate", 4), [0.75, 0.25])
+    np.testing.assert_allclose(final_scores(group, "meta_test/return", 100), [-3.0, -3.75])
+    res = plot_runs([tmp_path], tmp_path / "out", reps=200, echo=lambda *a: None, final_iterations=4)
+    assert res["rows"][0]["meta_test/success_rate mean"] == pytest.approx(0.5)
+    assert "last 4 iterations" in (tmp_path / "out" / "final_performance.md").read_text()
+    with pytest.raises(ConfigError, match="final-iterations"):
+        plot_runs([tmp_path], tmp_path / "out", final_iterations=0)
 
 
 def test_grouping_labels_differing_fields(tmp_path):

@@ -1,12 +1,13 @@
 """Sample-efficiency curves and final-performance tables across seeds (rliable's interquartile
 mean with 95% stratified-bootstrap confidence intervals), one colour per strategy.
 
-    metarelabel plot RUN_DIRS... [--out DIR] [--reps 2000]
+    metarelabel plot RUN_DIRS... [--out DIR] [--reps 2000] [--final-iterations K]
 
 Runs are found recursively (a directory with config.json and progress.csv); they are grouped by
 family and by strategy (relabel, plus any other config field that differs within a family).
 Curves are aligned on the iteration; the x-axis is the mean over seeds of ``env_steps`` at that
-iteration.  The final performance of a run is its last evaluated value.
+iteration.  The final performance of a run is the mean of its evaluated values in its last K
+iterations (``--final-iterations``, default 1: the last evaluation).
 """
 from __future__ import annotations
 
@@ -120,24 +121,30 @@ def curves(group: list[dict], metric: str):
     return np.asarray(its), np.mean(xs, 0), np.asarray(ys)
 
 
-def final_scores(group: list[dict], metric: str) -> np.ndarray:
+def final_scores(group: list[dict], metric: str, window: int = 1) -> np.ndarray:
+    """Per run: the mean of ``metric`` over the evaluations in the run's last ``window``
+    iterations (iteration > last evaluated iteration - window)."""
     out = []
     for r in group:
         v = r["cols"].get(metric)
-        v = v[np.isfinite(v)] if v is not None else np.zeros(0)
-        if len(v):
-            out.append(v[-1])
+        if v is None or not np.isfinite(v).any():
+            continue
+        it = r["cols"]["iteration"]
+        ok = np.isfinite(v)
+        sel = ok & (it > it[ok].max() - window)
+        out.append(float(v[sel].mean()))
     return np.asarray(out)
 
 
-def final_table(grouped, reps: int) -> list[dict]:
+def final_table(grouped, reps: int, window: int = 1) -> list[dict]:
     rows = []
     for fam, groups in grouped.items():
         for label, group in groups.items():
             row = {"family": fam, "strategy": label, "seeds": len(group),
-                   "env_steps": int(np.mean([g["cols"]["env_steps"][-1] for g in group]))}
+                   "env_steps": int(np.mean([g["cols"]["env_steps"][-1] for g in group])),
+                   "final_iterations": int(window)}
             for metric, _ in METRICS:
-                s = final_scores(group, metric)
+                s = final_scores(group, metric, window)
                 if len(s):
                     m, lo, hi = iqm_ci(s[:, None], reps)
                     row.update({f"{metric} IQM": float(m[0]), f"{metric} CI low": float(lo[0]),
@@ -146,14 +153,15 @@ def final_table(grouped, reps: int) -> list[dict]:
     return rows
 
 
-def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_tables(rows: list[dict], out: Path, window: int = 1) -> tuple[Path, Path]:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     csv_path, md_path = out / "final_performance.csv", out / "final_performance.md"
     with open(csv_path, "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
         w.writeheader()
         w.writerows(rows)
-    lines = [f"Final performance ({CI_METHOD}); value [95% CI] across seeds.", "",
+    final = "the last evaluation" if window == 1 else f"the mean of the evaluations in the last {window} iterations"
+    lines = [f"Final performance ({CI_METHOD}); value [95% CI] across seeds; a run's score is {final}.", "",
              "| family | strategy | seeds | env steps | meta-test return | meta-test success rate |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -205,7 +213,9 @@ def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int) -
     return paths
 
 
-def plot_runs(paths, out, reps: int = 2000, echo=print) -> dict:
+def plot_runs(paths, out, reps: int = 2000, echo=print, final_iterations: int = 1) -> dict:
+    if final_iterations < 1:
+        raise ConfigError(f"--final-iterations must be >= 1 (got {final_iterations})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p) for p in find_runs(paths)]
@@ -213,8 +223,8 @@ def plot_runs(paths, out, reps: int = 2000, echo=print) -> dict:
     files = []
     for fam, groups in grouped.items():
         files += plot_family(fam, groups, out, reps)
-    rows = final_table(grouped, reps)
-    files += list(write_tables(rows, out))
+    rows = final_table(grouped, reps, final_iterations)
+    files += list(write_tables(rows, out, final_iterations))
     for f in files:
         echo(f"wrote {f}")
     return {"files": files, "rows": rows, "grouped": grouped}
