@@ -26,5 +26,5 @@ for f in $(cd "$ROOT" && find . -name progress.csv); do
     cp "$ROOT/$d/progress.csv" "$ROOT/$d/config.json" "$ROOT/$d/run.json" "$OUT/runs/$d/"
 done
 
-time metarelabel plot "$OUT/runs" --out "$OUT"
+time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10
 metarelabel didactic "$ROOT/four-corners/hfr/s0" --out "$OUT/didactic.png"
