@@ -24,6 +24,8 @@ for f in $(cd "$ROOT" && find . -name progress.csv); do
     d=$(dirname "$f")
     mkdir -p "$OUT/runs/$d"
     cp "$ROOT/$d/progress.csv" "$ROOT/$d/config.json" "$ROOT/$d/run.json" "$OUT/runs/$d/"
+    # the relabeling matrix too where it is small (4 tasks: ~15 kB; 80 tasks: megabytes)
+    find "$ROOT/$d" -maxdepth 1 -name relabel_matrix.csv -size -100k -exec cp {} "$OUT/runs/$d/" \;
 done
 
 time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10

@@ -171,6 +171,13 @@ def test_grid_expansion_names_runs_by_value(tmp_path):
     assert isinstance(specs[0], RunSpec)
 
 
+def test_sweep_order_is_seed_major(tmp_path):
+    specs = expand(["four-corners", "point-robot"], ["none", "hfr"], [0, 1], "quick", str(tmp_path))
+    assert [(s.seed, s.family, s.relabel) for s in specs] == [
+        (0, "four-corners", "none"), (0, "four-corners", "hfr"), (0, "point-robot", "none"), (0, "point-robot", "hfr"),
+        (1, "four-corners", "none"), (1, "four-corners", "hfr"), (1, "point-robot", "none"), (1, "point-robot", "hfr")]
+
+
 @pytest.mark.ray
 def test_ray_backend_on_a_local_two_cpu_instance(tmp_path):
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install metarelabel[ray])")

@@ -87,7 +87,9 @@ def execute(spec: RunSpec) -> dict:
 
 def expand(families, relabels, seeds, preset: str, root: str, grid: dict[str, list[str]] | None = None,
            fixed: dict[str, str] | None = None) -> list[RunSpec]:
-    """The cartesian product of families, strategies, seeds and any ``grid`` of config values."""
+    """The cartesian product of families, strategies, seeds and any ``grid`` of config values,
+    seed-major: every family and strategy gets its first seed before any gets its second, so
+    a sweep stopped part-way already compares all strategies."""
     from .config import FIELDS
     from .presets import make_config
 
@@ -98,7 +100,7 @@ def expand(families, relabels, seeds, preset: str, root: str, grid: dict[str, li
             raise ConfigError(f"sweep: {key!r} is not a config field that can be swept")
     specs = []
     keys = sorted(grid)
-    for family, relabel, seed in itertools.product(families, relabels, seeds):
+    for seed, family, relabel in itertools.product(seeds, families, relabels):
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             combo = dict(zip(keys, values))
             overrides = {**fixed, **combo}
