@@ -17,5 +17,5 @@ EXTRA=()
 
 time metarelabel sweep --families four-corners --relabel none,random,hipi,hfr --seeds 0,1,2 \
     --preset paper --set device="$DEVICE" --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" "${EXTRA[@]}"
-time metarelabel plot "$ROOT" --out "$OUT" --final-iterations 10
+time metarelabel plot "$ROOT" --out "$OUT" --final-iterations 10 --smooth 5
 metarelabel didactic "$ROOT/four-corners/hfr/s0" --out "$OUT/didactic.png"

@@ -28,5 +28,5 @@ for f in $(cd "$ROOT" && find . -name progress.csv); do
     find "$ROOT/$d" -maxdepth 1 -name relabel_matrix.csv -size -100k -exec cp {} "$OUT/runs/$d/" \;
 done
 
-time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10
+time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10 --smooth 5
 metarelabel didactic "$ROOT/four-corners/hfr/s0" --out "$OUT/didactic.png"

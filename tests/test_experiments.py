@@ -15,7 +15,7 @@ from metarelabel.sweep import RunSpec, expand, run_local, run_state
 
 pytest.importorskip("rliable", reason="plot tests need the plot extra: pip install metarelabel[plot]")
 from metarelabel.plot import (  # noqa: E402
-    curves, final_scores, find_runs, group_runs, iqm_ci, load_run, plot_runs,
+    curves, final_scores, find_runs, group_runs, iqm_ci, load_run, plot_runs, trailing_mean,
 )
 
 
@@ -109,6 +109,13 @@ def test_final_window_averages_the_last_iterations(tmp_path):
     assert "last 4 iterations" in (tmp_path / "out" / "final_performance.md").read_text()
     with pytest.raises(ConfigError, match="final-iterations"):
         plot_runs([tmp_path], tmp_path / "out", final_iterations=0)
+
+
+def test_trailing_mean_smoothing():
+    y = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 6.0, 0.0, 0.0]])
+    np.testing.assert_allclose(trailing_mean(y, 3), [[1.0, 1.5, 2.0, 3.0, 4.0], [0.0, 0.0, 2.0, 2.0, 2.0]])
+    np.testing.assert_array_equal(trailing_mean(y, 1), y)
+    np.testing.assert_allclose(trailing_mean(y, 10)[:, -1], y.mean(1))
 
 
 def test_grouping_labels_differing_fields(tmp_path):

@@ -190,7 +190,7 @@ def cmd_sweep(args) -> int:
 def cmd_plot(args) -> int:
     from .plot import plot_runs
 
-    plot_runs(args.run_dirs, args.out, reps=args.reps, final_iterations=args.final_iterations)
+    plot_runs(args.run_dirs, args.out, reps=args.reps, final_iterations=args.final_iterations, smooth=args.smooth)
     return 0
 
 
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default: 2000)")
     pl.add_argument("--final-iterations", type=int, default=1, metavar="K",
                     help="final score of a run = mean of its evaluations in its last K iterations (default: 1)")
+    pl.add_argument("--smooth", type=int, default=1, metavar="W",
+                    help="curves: each run's trailing mean over its last W evaluations, before the IQM (default: 1, none)")
     pl.set_defaults(func=cmd_plot)
 
     dd = sub.add_parser("didactic", help="Four-Corners figure: trajectories and HFR vs HIPI q(task | hovering path)")

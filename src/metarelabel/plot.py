@@ -1,7 +1,7 @@
 """Sample-efficiency curves and final-performance tables across seeds (rliable's interquartile
 mean with 95% stratified-bootstrap confidence intervals), one colour per strategy.
 
-    metarelabel plot RUN_DIRS... [--out DIR] [--reps 2000] [--final-iterations K]
+    metarelabel plot RUN_DIRS... [--out DIR] [--reps 2000] [--final-iterations K] [--smooth W]
 
 Runs are found recursively (a directory with config.json and progress.csv); they are grouped by
 family and by strategy (relabel, plus any other config field that differs within a family).
@@ -100,8 +100,20 @@ def iqm_ci(scores: np.ndarray, reps: int = 2000, seed: int = 0):
     return point["x"], interval["x"][0], interval["x"][1]
 
 
-def curves(group: list[dict], metric: str):
-    """Aligned ``[runs, iterations]`` scores at the iterations every run evaluated, and x."""
+def trailing_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each row's last ``window`` values up to and including each column (fewer at
+    the start)."""
+    if window <= 1:
+        return y
+    c = np.cumsum(np.pad(y, ((0, 0), (1, 0))), axis=1)
+    idx = np.arange(y.shape[1])
+    lo = np.maximum(idx + 1 - window, 0)
+    return (c[:, idx + 1] - c[:, lo]) / (idx + 1 - lo)
+
+
+def curves(group: list[dict], metric: str, smooth: int = 1):
+    """Aligned ``[runs, iterations]`` scores at the iterations every run evaluated, and x;
+    with ``smooth`` > 1 each run's curve is a trailing mean over that many evaluations."""
     its = None
     for r in group:
         c = r["cols"]
@@ -118,7 +130,7 @@ def curves(group: list[dict], metric: str):
         idx = {int(i): j for j, i in enumerate(c["iteration"])}
         ys.append([c[metric][idx[i]] for i in its])
         xs.append([c["env_steps"][idx[i]] for i in its])
-    return np.asarray(its), np.mean(xs, 0), np.asarray(ys)
+    return np.asarray(its), np.mean(xs, 0), trailing_mean(np.asarray(ys, np.float64), smooth)
 
 
 def final_scores(group: list[dict], metric: str, window: int = 1) -> np.ndarray:
@@ -176,7 +188,7 @@ def write_tables(rows: list[dict], out: Path, window: int = 1) -> tuple[Path, Pa
     return csv_path, md_path
 
 
-def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int) -> list[Path]:
+def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int, smooth: int = 1) -> list[Path]:
     _need("matplotlib")
     import matplotlib
 
@@ -188,7 +200,7 @@ def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int) -
     seeds = sorted({len(g) for g in groups.values()})
     for ax, (metric, title) in zip(np.atleast_1d(axes), METRICS):
         for i, (label, group) in enumerate(groups.items()):
-            cur = curves(group, metric)
+            cur = curves(group, metric, smooth)
             if cur is None:
                 continue
             _, x, y = cur
@@ -202,7 +214,8 @@ def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int) -
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     seed_txt = "/".join(map(str, seeds))
-    fig.suptitle(f"{fam}: {CI_METHOD}, {seed_txt} seeds per strategy", fontsize=10)
+    smooth_txt = f"; each run smoothed over its last {smooth} evaluations" if smooth > 1 else ""
+    fig.suptitle(f"{fam}: {CI_METHOD}, {seed_txt} seeds per strategy{smooth_txt}", fontsize=10)
     fig.tight_layout()
     paths = []
     for ext in ("png", "pdf"):
@@ -213,16 +226,18 @@ def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int) -
     return paths
 
 
-def plot_runs(paths, out, reps: int = 2000, echo=print, final_iterations: int = 1) -> dict:
+def plot_runs(paths, out, reps: int = 2000, echo=print, final_iterations: int = 1, smooth: int = 1) -> dict:
     if final_iterations < 1:
         raise ConfigError(f"--final-iterations must be >= 1 (got {final_iterations})")
+    if smooth < 1:
+        raise ConfigError(f"--smooth must be >= 1 (got {smooth})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p) for p in find_runs(paths)]
     grouped = group_runs(runs)
     files = []
     for fam, groups in grouped.items():
-        files += plot_family(fam, groups, out, reps)
+        files += plot_family(fam, groups, out, reps, smooth)
     rows = final_table(grouped, reps, final_iterations)
     files += list(write_tables(rows, out, final_iterations))
     for f in files:
