@@ -12,7 +12,6 @@ import argparse
 import json
 from collections import defaultdict
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 
