@@ -15,17 +15,19 @@ WORKERS=${WORKERS:-2}
 BACKEND=${BACKEND:-local}
 EXTRA=()
 [[ -n "${RAY_ADDRESS:-}" ]] && EXTRA=(--ray-address "$RAY_ADDRESS")
+[[ -n "${GPUS_PER_RUN:-}" ]] && EXTRA+=(--gpus-per-run "$GPUS_PER_RUN")
 
 time metarelabel sweep --families four-corners,sparse-point-robot --relabel none,random,hipi,hfr \
-    --seeds 0,1,2 --preset cpu --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" "${EXTRA[@]}"
+    --seeds 0,1,2 --preset cpu --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
 
 # keep the small per-seed files the figures come from (not the checkpoints)
-for f in $(cd "$ROOT" && find . -name progress.csv); do
-    d=$(dirname "$f")
-    mkdir -p "$OUT/runs/$d"
-    cp "$ROOT/$d/progress.csv" "$ROOT/$d/config.json" "$ROOT/$d/run.json" "$OUT/runs/$d/"
+rm -rf "$OUT/runs"
+find "$ROOT" -name progress.csv -printf '%h\n' | sort | while IFS= read -r d; do
+    dest="$OUT/runs/${d#"$ROOT"/}"
+    mkdir -p "$dest"
+    cp "$d/progress.csv" "$d/config.json" "$d/run.json" "$dest/"
     # the relabeling matrix too where it is small (4 tasks: ~15 kB; 80 tasks: megabytes)
-    find "$ROOT/$d" -maxdepth 1 -name relabel_matrix.csv -size -100k -exec cp {} "$OUT/runs/$d/" \;
+    find "$d" -maxdepth 1 -name relabel_matrix.csv -size -100k -exec cp {} "$dest/" \;
 done
 
 time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10 --smooth 5

@@ -2,7 +2,8 @@
 
     python benchmarks/results_summary.py docs/results/runs [--final-iterations 10]
 
-Reads each run's run.json (start/finish), progress.csv and config.json; prints one row per run
+Reads each run's run.json (start/finish: wall time), progress.csv (summed iteration times, which
+leave out the initial collection and any downtime of a resumed run) and config.json; prints one row per run
 and one row per (family, strategy) with the means over seeds.  No statistics beyond means: the
 IQM and its confidence interval come from ``metarelabel plot``.
 """
@@ -37,16 +38,17 @@ def main() -> None:
                   for k in ("collect", "relabel", "log_z", "train", "eval", "iteration")}
         succ = final_scores([run], "meta_test/success_rate", args.final_iterations)
         ret = final_scores([run], "meta_test/return", args.final_iterations)
-        rows.append(dict(family=cfg["family"], strategy=cfg["relabel"], seed=cfg["seed"], wall=wall,
+        compute = float(np.nansum(cols.get("time/iteration_s", [nan]))) / 60  # excludes downtime of resumed runs
+        rows.append(dict(family=cfg["family"], strategy=cfg["relabel"], seed=cfg["seed"], wall=wall, compute=compute,
                          iters=int(cols["iteration"][-1]), steps=int(cols["env_steps"][-1]),
                          success=float(succ[0]) if len(succ) else nan,
                          ret=float(ret[0]) if len(ret) else nan,
                          moved=float(np.nanmean(cols.get("relabel/fraction_relabeled", [np.nan]))), **per_it))
-    print("| family | strategy | seed | iterations | env steps | wall (min) | s/iteration | relabel s/it | log Z s/it "
+    print("| family | strategy | seed | iterations | env steps | wall (min) | iterations (min) | s/iteration | relabel s/it | log Z s/it "
           "| fraction relabeled | final success | final return |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['family']} | {r['strategy']} | {r['seed']} | {r['iters']} | {r['steps']:,} | {r['wall']:.1f} | "
+        print(f"| {r['family']} | {r['strategy']} | {r['seed']} | {r['iters']} | {r['steps']:,} | {r['wall']:.1f} | {r['compute']:.1f} | "
               f"{r['iteration']:.2f} | {r['relabel']:.3f} | {r['log_z']:.3f} | {r['moved']:.2f} | "
               f"{r['success']:.3f} | {r['ret']:.2f} |")
     groups = defaultdict(list)

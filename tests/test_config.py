@@ -69,7 +69,7 @@ def test_preset_names_and_unknown():
 
 
 def test_cpu_preset():
-    """``cpu`` keeps the paper's reward scale, KL weight and evaluation protocol and shrinks the
+    """``cpu`` keeps the paper's reward scale, KL weight and evaluation episodes and shrinks the
     compute; it exists only for the two families it was sized on."""
     for fam in ("four-corners", "sparse-point-robot"):
         paper, cpu = make_config(fam, "paper"), make_config(fam, "cpu")

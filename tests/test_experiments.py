@@ -109,6 +109,27 @@ def test_final_window_averages_the_last_iterations(tmp_path):
     assert "last 4 iterations" in (tmp_path / "out" / "final_performance.md").read_text()
     with pytest.raises(ConfigError, match="final-iterations"):
         plot_runs([tmp_path], tmp_path / "out", final_iterations=0)
+    with pytest.raises(ConfigError, match="smooth"):
+        plot_runs([tmp_path], tmp_path / "out", smooth=0)
+
+
+def test_final_window_is_anchored_on_the_last_evaluation(tmp_path):
+    # an interrupted run: the last rows have no evaluation; the window ends at iteration 4
+    fake_run(tmp_path, "hfr", 0, [-5.0, -4.0, -3.0, -2.0, math.nan, math.nan], [0.0, 0.25, 0.5, 1.0, math.nan, math.nan])
+    group = group_runs([load_run(p) for p in find_runs([tmp_path])])["four-corners"]["hfr"]
+    np.testing.assert_allclose(final_scores(group, "meta_test/success_rate", 2), [0.75])
+    np.testing.assert_allclose(final_scores(group, "meta_test/return", 3), [-3.0])
+
+
+def test_plot_warns_about_unfinished_runs(tmp_path):
+    done = fake_run(tmp_path, "hfr", 0, [-2.0, -1.0], [0.5, 1.0])
+    (done / "run.json").write_text(json.dumps({"finished": "2026-01-01T00:00:00"}))
+    fake_run(tmp_path, "hfr", 1, [-2.0], [0.5])  # no run.json: never finished
+    lines = []
+    plot_runs([tmp_path], tmp_path / "out", reps=100, echo=lines.append)
+    warnings = [line for line in lines if line.startswith("warning")]
+    assert len(warnings) == 1 and "1 of 2 runs" in warnings[0]
+    assert str(tmp_path / "hfr" / "s1") in warnings[0] and str(tmp_path / "hfr" / "s0") not in warnings[0]
 
 
 def test_trailing_mean_smoothing():

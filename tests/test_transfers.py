@@ -1,9 +1,11 @@
 """Host <-> device traffic while acting: per env step exactly one observation goes to the
-learner's device and one action comes back, and evaluation moves one context per trajectory.
+learner's device and one action comes back, and evaluation moves one context per posterior
+trajectory.
 
-Counted on the CPU by wrapping the conversion calls; with ``--device cuda`` the same calls are
-the PCIe copies, so a hidden per-step copy or sync (``.item()``, a context rebuilt every step)
-fails this test without a GPU."""
+Counted on the CPU by wrapping the usual conversion calls (``torch.as_tensor``/``torch.tensor``
+of host data, ``Tensor.to`` with a device, ``.cpu()``, ``.item()``, ``.tolist()``); with
+``--device cuda`` these are the PCIe copies and syncs.  A copy made some other way would not be
+seen here: on a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the stronger check."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,24 +21,33 @@ from metarelabel.sampler import rollout
 @pytest.fixture
 def counted(monkeypatch):
     counts = {"to_device": 0, "to_host": 0, "item": 0}
-    as_tensor, cpu, item = torch.as_tensor, torch.Tensor.cpu, torch.Tensor.item
+    as_tensor, tensor = torch.as_tensor, torch.tensor
+    cpu, item, tolist, to = torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.to
 
-    def counting_as_tensor(data, *a, **k):
-        if not isinstance(data, torch.Tensor):
+    def host_data_to(fn):
+        def wrapped(data, *a, **k):
+            if not isinstance(data, torch.Tensor):
+                counts["to_device"] += 1
+            return fn(data, *a, **k)
+        return wrapped
+
+    def counting(fn, key):
+        def wrapped(self, *a, **k):
+            counts[key] += 1
+            return fn(self, *a, **k)
+        return wrapped
+
+    def counting_to(self, *a, **k):
+        if "device" in k or any(isinstance(x, (str, torch.device)) for x in a):
             counts["to_device"] += 1
-        return as_tensor(data, *a, **k)
+        return to(self, *a, **k)
 
-    def counting_cpu(self, *a, **k):
-        counts["to_host"] += 1
-        return cpu(self, *a, **k)
-
-    def counting_item(self):
-        counts["item"] += 1
-        return item(self)
-
-    monkeypatch.setattr(torch, "as_tensor", counting_as_tensor)
-    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch, "as_tensor", host_data_to(as_tensor))
+    monkeypatch.setattr(torch, "tensor", host_data_to(tensor))
+    monkeypatch.setattr(torch.Tensor, "cpu", counting(cpu, "to_host"))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting(tolist, "item"))
+    monkeypatch.setattr(torch.Tensor, "item", counting(item, "item"))
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
     return counts
 
 
@@ -46,6 +57,7 @@ def test_rollout_moves_one_observation_and_one_action_per_step(counted):
     env.reset(seed=0)
     agent = make_agent()
     z = agent.prior_z()
+    counted.update(to_device=0, to_host=0, item=0)  # building the agent does not count
     path = rollout(env, agent, z, 20)
     assert len(path) >= 1
     assert counted == {"to_device": len(path), "to_host": len(path), "item": 0}

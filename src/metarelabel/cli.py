@@ -171,6 +171,8 @@ def cmd_sweep(args) -> int:
         seeds = [int(x) for x in _csv(args.seeds)]
     except ValueError:
         raise MetaRelabelError(f"--seeds expects integers, got {args.seeds!r}") from None
+    if args.gpus_per_run < 0:
+        raise MetaRelabelError(f"--gpus-per-run must be >= 0, got {args.gpus_per_run}")
     root = str(Path(args.root).resolve())
     specs = expand(_csv(args.families), _csv(args.relabel), seeds, args.preset, root, grid, fixed)
     print(f"sweep: {len(specs)} runs under {root} (backend {args.backend})")
@@ -181,7 +183,7 @@ def cmd_sweep(args) -> int:
             print(f"  {spec.label}: {run_state(spec.run_dir)}")
         return 0
     if args.backend == "ray":
-        results = run_ray(specs, args.ray_address, num_cpus=args.workers)
+        results = run_ray(specs, args.ray_address, num_cpus=args.workers, gpus_per_run=args.gpus_per_run)
     else:
         results = run_local(specs, args.workers)
     return 0 if all(not r["status"].startswith("failed") for r in results) else 1
@@ -245,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--backend", default="local", choices=("local", "ray"))
     w.add_argument("--workers", type=int, default=2, help="parallel runs (local; with ray: CPUs of a local instance)")
     w.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a local one)")
+    w.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G",
+                   help="ray: GPUs reserved per run, needed for --set device=cuda (a fraction shares a GPU; default: 0)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     w.set_defaults(func=cmd_sweep)
 
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--final-iterations", type=int, default=1, metavar="K",
                     help="final score of a run = mean of its evaluations in its last K iterations (default: 1)")
     pl.add_argument("--smooth", type=int, default=1, metavar="W",
-                    help="curves: each run's trailing mean over its last W evaluations, before the IQM (default: 1, none)")
+                    help="curves: each run's trailing mean over its last W evaluations (not iterations), before the IQM (default: 1, none)")
     pl.set_defaults(func=cmd_plot)
 
     dd = sub.add_parser("didactic", help="Four-Corners figure: trajectories and HFR vs HIPI q(task | hovering path)")

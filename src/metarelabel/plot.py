@@ -59,7 +59,9 @@ def load_run(run_dir: Path) -> dict:
             except (TypeError, ValueError):
                 vals.append(math.nan)
         cols[key] = np.asarray(vals)
-    return {"dir": run_dir, "config": cfg, "cols": cols}
+    meta_path = run_dir / "run.json"
+    finished = meta_path.exists() and bool(json.loads(meta_path.read_text()).get("finished"))
+    return {"dir": run_dir, "config": cfg, "cols": cols, "finished": finished}
 
 
 def group_runs(runs: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -234,6 +236,10 @@ def plot_runs(paths, out, reps: int = 2000, echo=print, final_iterations: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [load_run(p) for p in find_runs(paths)]
+    unfinished = [str(r["dir"]) for r in runs if not r["finished"]]
+    if unfinished:
+        echo(f"warning: {len(unfinished)} of {len(runs)} runs have not finished (plotted as they are; "
+             f"curves end at the shortest run): " + ", ".join(unfinished))
     grouped = group_runs(runs)
     files = []
     for fam, groups in grouped.items():

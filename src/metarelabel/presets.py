@@ -151,7 +151,8 @@ QUICK["visual-reacher"] = dict(_QUICK_MUJOCO, num_initial_steps=50, num_steps_pr
 # 3x200, meta-batch 4-8 x 128 transitions with 128 context transitions (paper 8-16 x 256 with
 # 1024), 400-500 gradient steps per iteration (paper 1000), 4-5 tasks of 100 prior + 300
 # posterior steps per iteration (paper 10 x (100 + 900)) and 150 iterations (paper 300 / 500).
-# Reward scale, KL weight, discount, horizon and the evaluation protocol are the paper's.
+# Reward scale, KL weight, discount, horizon and each evaluation episode (steps, exploration
+# trajectories) are the paper's; evaluation runs less often / on fewer tasks.
 _CPU = dict(
     hidden_dim=64, encoder_hidden_dim=64, batch_size=128, embedding_batch_size=128,
     utility_batch_size=128, num_steps_prior=100, num_steps_posterior=300, num_iterations=150,

@@ -154,7 +154,10 @@ def run_local(specs: list[RunSpec], workers: int, echo=print) -> list[dict]:
 
 
 def run_ray(specs: list[RunSpec], address: str | None, cpus_per_run: float = 1.0, echo=print,
-            num_cpus: int | None = None) -> list[dict]:
+            num_cpus: int | None = None, gpus_per_run: float = 0.0) -> list[dict]:
+    """Each run is a Ray task of ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs.  Ray hides
+    the GPUs from tasks that reserve none, so runs with ``device=cuda`` need ``gpus_per_run`` > 0
+    (a fraction lets several runs share one GPU)."""
     try:
         import ray
     except ImportError:
@@ -165,7 +168,7 @@ def run_ray(specs: list[RunSpec], address: str | None, cpus_per_run: float = 1.0
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
-    remote = ray.remote(num_cpus=cpus_per_run)(execute)
+    remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute)
     progress = Progress(len(specs), echo)
     pending = {remote.remote(s): s for s in specs}
     try:
