@@ -105,7 +105,7 @@ def didactic_figure(run_dir, out, quadrant: int = 1, echo=print) -> FsPath:
     hover = hovering_path(env, quadrant)
     q = relabel_distributions(trainer, hover, cache)
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5.4), gridspec_kw={"width_ratios": [1.1, 1]})
     for k, g in enumerate(env.tasks):
         sx, sy = np.sign(g)
         ax.add_patch(Rectangle((min(0.1 * sx, 0.5 * sx), min(0.1 * sy, 0.5 * sy)), 0.4, 0.4, color=colors[k], alpha=0.18))
@@ -119,7 +119,7 @@ def didactic_figure(run_dir, out, quadrant: int = 1, echo=print) -> FsPath:
     ax.set_ylim(-1.35, 1.35)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     ax.set_title(f"goals, -3 squares, agent after {int(body['iteration'])} iterations (last trajectory)", fontsize=9)
     width = 0.38
     idx = np.arange(trainer.num_tasks)
