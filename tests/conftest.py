@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from metarelabel.cli import main as cli_main
+from metarelabel.envs import check as _check
 from metarelabel.pearl import PEARL, Dims
 from metarelabel.presets import make_config
 
@@ -76,48 +77,9 @@ def record_rollout(env, task: int, actions) -> dict:
     return out
 
 
-# ---- random rollouts split into episodes (MuJoCo / Meta-World tests) ----
-def random_episodes(env, task: int, rng, n_steps: int = 200):
-    """``n_steps`` random steps on ``task`` (actions partly outside the box), split into
-    episodes at terminations; per episode what step returned and the stored infos."""
-    env.set_task(task)
-    episodes, ep = [], None
-    for i in range(n_steps):
-        if ep is None:
-            env.reset()
-            ep = {"r": [], "d": [], "s": [], "dense": [], "trunc": [], "infos": {k: [] for k in env.info_spec}}
-        a = rng.uniform(-1.3, 1.3, size=env.action_space.shape)
-        _, r, term, trunc, info = env.step(a)
-        for key, v in (("r", r), ("d", term), ("s", info["success"]), ("dense", info["dense_reward"]),
-                       ("trunc", trunc)):
-            ep[key].append(v)
-        for k in env.info_spec:
-            ep["infos"][k].append(info[k])
-        if term or trunc or i == n_steps - 1:
-            out = {k: np.asarray(v) for k, v in ep.items() if k != "infos"}
-            out["infos"] = {k: np.asarray(v) for k, v in ep["infos"].items()}
-            episodes.append(out)
-            ep = None
-    return episodes
-
-
-def check_batched_reward(env, ep, task: int, subset):
-    """The family's batched reward over all tasks agrees exactly with what ``step`` returned for
-    ``task`` in episode ``ep`` (see ``random_episodes``), and a ``subset`` of tasks (any order,
-    repeats allowed) gives the same rows.  Returns rewards, terminals, success ``[N, T]``."""
-    all_tasks = np.arange(env.num_tasks)
-    r, d, s = env.reward(ep["infos"], all_tasks)
-    dense = env.dense_reward(ep["infos"], all_tasks)
-    assert r.shape == d.shape == s.shape == dense.shape == (env.num_tasks, len(ep["r"]))
-    assert r.dtype == np.float64 and d.dtype == bool and s.dtype == bool
-    assert np.array_equal(r[task], ep["r"])
-    assert np.array_equal(d[task], ep["d"])
-    assert np.array_equal(s[task], ep["s"])
-    assert np.array_equal(dense[task], ep["dense"])
-    subset = np.asarray(subset)
-    r2, d2, s2 = env.reward(ep["infos"], subset)
-    assert np.array_equal(r2, r[subset]) and np.array_equal(d2, d[subset]) and np.array_equal(s2, s[subset])
-    return r, d, s
+# ---- random rollouts split into episodes, batched reward == step reward (the public checks) ----
+random_episodes = _check.random_episodes
+check_batched_reward = _check.check_batched_reward
 
 
 def quick_hfr_run(family: str, run_dir) -> tuple[str, list[str]]:

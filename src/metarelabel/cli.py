@@ -123,14 +123,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_envs(args) -> int:
-    from .envs import REGISTRY, family_class
+    from .envs import REGISTRY, family_class, family_names
 
     rows = []
-    for name, entry in REGISTRY.items():
+    for name in family_names():
         try:
             cls = family_class(name)
-        except MetaRelabelError:
-            rows.append((name, "-", "-", "-", "-", f"(install metarelabel[{entry.extra}])"))
+        except MetaRelabelError as exc:
+            entry = REGISTRY.get(name)
+            hint = f"(install metarelabel[{entry.extra}])" if entry and entry.extra else f"({exc})"
+            rows.append((name, "-", "-", "-", "-", hint))
             continue
         n_eval = "= train" if cls.eval_is_train else str(cls.num_eval)
         rows.append((name, str(cls.num_train), n_eval, str(cls.horizon), f"{cls.discount:g}", cls.summary))
@@ -211,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="meta-train a new run")
     t.add_argument("family", help="task family (see `metarelabel envs`)")
-    t.add_argument("--preset", default="paper", choices=preset_names(), help="hyperparameter preset (default: paper)")
+    t.add_argument("--preset", default="paper",
+                   help=f"hyperparameter preset: {', '.join(preset_names())}, or one a plugin family defines (default: paper)")
     t.add_argument("--run-dir", help="run directory (default: RUNS_ROOT/FAMILY-PRESET-RELABEL-sSEED)")
     t.add_argument("--runs-root", default="runs", help="parent of default run directories (default: runs)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -240,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--families", required=True, help="comma-separated task families")
     w.add_argument("--relabel", default="none,random,hipi,hfr", help="comma-separated strategies (default: none,random,hipi,hfr)")
     w.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default: 0,1,2)")
-    w.add_argument("--preset", default="paper", choices=preset_names())
+    w.add_argument("--preset", default="paper", help="hyperparameter preset (default: paper)")
     w.add_argument("--root", default="runs/sweep", help="sweep directory (default: runs/sweep)")
     w.add_argument("--grid", action="append", metavar="FIELD=V1,V2", help="also sweep a config field (repeatable)")
     w.add_argument("--set", action="append", metavar="FIELD=VALUE", help="fixed override for every run (repeatable)")
@@ -273,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the resolved config of a family/preset/overrides")
     c.add_argument("family")
-    c.add_argument("--preset", default="paper", choices=preset_names())
+    c.add_argument("--preset", default="paper", help="hyperparameter preset (default: paper)")
     c.add_argument("--set", action="append", metavar="FIELD=VALUE")
     _add_config_flags(c)
     c.set_defaults(func=cmd_config)

@@ -150,19 +150,18 @@ class Config:
         return self
 
     def _check_consistency(self) -> None:
-        from .envs import REGISTRY
+        from .envs import family_class
 
-        if self.family not in REGISTRY:
-            raise ConfigError(f"family: unknown task family {self.family!r}; choose from: {', '.join(REGISTRY)}")
+        try:
+            fam = family_class(self.family)
+        except ConfigError as exc:
+            raise ConfigError(f"family: {exc}") from None
         if self.num_steps_prior + self.num_steps_posterior + self.num_extra_rl_steps_posterior == 0:
             raise ConfigError("num_steps_prior: prior, posterior and extra-RL steps are all 0; nothing would be collected")
         if self.eval_steps < self.max_path_length:
             raise ConfigError(
                 f"eval_steps: {self.eval_steps} is shorter than one trajectory (max_path_length={self.max_path_length})"
             )
-        from .envs import family_class
-
-        fam = family_class(self.family)
         if self.max_path_length > fam.horizon:
             raise ConfigError(f"max_path_length: {self.max_path_length} exceeds the {self.family} horizon ({fam.horizon})")
         min_traj = -(-self.eval_steps // self.max_path_length)

@@ -176,11 +176,44 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def preset_values(family: str, preset: str) -> dict[str, Any]:
-    from .envs import REGISTRY
+def plugin_preset_values(cls, preset: str) -> dict[str, Any]:
+    """Presets of a registered (plugin) family: generic ``paper`` and ``quick`` settings sized
+    in trajectories of the family's horizon, updated by the class's own ``presets`` mapping
+    (``{"paper": {...}, "quick": {...}, "any-name": {...}}``); other names only if it has them."""
+    own = dict(getattr(cls, "presets", None) or {})
+    H = int(cls.horizon)
+    n_train = int(cls.num_train) if not cls.eval_is_train else 0
+    paper = dict(
+        _COMMON, max_path_length=H, discount=float(cls.discount), num_iterations=100,
+        num_initial_steps=10 * H, num_tasks_sample=5, num_steps_prior=2 * H, num_steps_posterior=3 * H,
+        num_extra_rl_steps_posterior=0, meta_batch=16, embedding_batch_size=min(256, 8 * H),
+        utility_batch_size=256, eval_runs=1, eval_steps=3 * H, exploration_trajectories=1,
+        num_eval_train_tasks=min(5, n_train),
+    )
+    paper.update(own.get("paper", {}))
+    if preset == "paper":
+        return paper
+    if preset == "quick":
+        quick = dict(paper, **_QUICK)
+        quick.update(num_iterations=2, num_initial_steps=H, num_steps_prior=H, num_steps_posterior=H,
+                     num_extra_rl_steps_posterior=0, eval_steps=2 * H, exploration_trajectories=1,
+                     embedding_batch_size=min(64, 2 * H), utility_batch_size=min(64, 2 * H), checkpoint_every=0)
+        quick.update(own.get("quick", {}))
+        return quick
+    if preset in own:
+        return dict(paper, **own[preset])
+    raise ConfigError(f"task family {cls.name!r} has no preset {preset!r} (it has: "
+                      f"{', '.join(sorted({'paper', 'quick', *own}))})")
 
-    if family not in REGISTRY:
-        raise ConfigError(f"unknown task family {family!r}; choose from: {', '.join(REGISTRY)}")
+
+def preset_values(family: str, preset: str) -> dict[str, Any]:
+    from .envs import BUILTIN, family_class
+
+    if family not in BUILTIN:
+        cls = family_class(family)  # a registered plugin family, or a clear error
+        values = plugin_preset_values(cls, preset)
+        values.update(family=family, preset=preset)
+        return values
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
     table = PRESETS[preset]
