@@ -66,6 +66,18 @@ def test_train_then_eval(family, tmp_path, capsys):
         assert 0 <= ret <= 20
 
 
+@pytest.mark.parametrize("family", ["four-corners", "sparse-point-robot"])
+def test_cpu_preset_runs(family, tmp_path, capsys):
+    """The results preset trains end to end (shortened to one iteration of 5 gradient steps)."""
+    run = tmp_path / "run"
+    code, _, err = run_main(["train", family, "--preset", "cpu", "--relabel", "hfr", "--num-iterations", "1",
+                             "--num-train-steps-per-itr", "5", "--progress", "off", "--no-tensorboard",
+                             "--run-dir", run], capsys)
+    assert code == 0, err
+    rows = read_csv(run / "progress.csv")
+    assert len(rows) == 1 and float(rows[0]["meta_test/num_trajectories"]) >= 20  # 400 eval steps, horizon 20
+
+
 def test_eval_json_and_reproducible(quick_run, capsys):
     code, out, err = run_main(["eval", quick_run, "--json", "--eval-runs", "1", "--seed", "3"], capsys)
     assert code == 0, err
