@@ -1,6 +1,10 @@
 """Milliseconds per PEARL gradient step for a preset's network and batch shapes.
 
     python benchmarks/grad_step.py [--family four-corners] [--preset paper] [--steps 30] [--threads 1]
+                                   [--device cpu|cuda] [--device-buffers auto|on|off]
+
+On a GPU, compare ``--device-buffers off`` (minibatches gathered on the host, copied per step)
+with ``on`` (gathered from the buffers' device mirror; only the indices are copied).
 
 Fills each task's buffers with random transitions (the step's cost does not depend on the data),
 runs warm-up steps, then times ``--steps`` full gradient steps (batch sampling + update) and
@@ -37,8 +41,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device-buffers", default="auto", choices=("auto", "on", "off"))
     args = ap.parse_args()
-    cfg = make_config(args.family, args.preset, {"torch_threads": args.threads, "device": args.device})
+    cfg = make_config(args.family, args.preset, {"torch_threads": args.threads, "device": args.device,
+                                                 "device_buffers": args.device_buffers})
     trainer = Trainer(cfg, "/nonexistent", echo=lambda *_: None, tensorboard=False)
     fill_random(trainer)
     trainer.train_steps(args.warmup)
@@ -51,7 +57,8 @@ def main() -> None:
     dt = (time.perf_counter() - t0) / args.steps
     print(f"family={cfg.family} preset={cfg.preset} nets={cfg.hidden_layers}x{cfg.hidden_dim} "
           f"encoder={cfg.encoder_layers}x{cfg.encoder_hidden_dim} meta_batch={cfg.meta_batch} "
-          f"batch={cfg.batch_size} context={cfg.embedding_batch_size} threads={args.threads} device={trainer.device}")
+          f"batch={cfg.batch_size} context={cfg.embedding_batch_size} threads={args.threads} device={trainer.device} "
+          f"device_buffers={'on' if trainer.rl_mirror is not None else 'off'}")
     print(f"gradient step: {dt * 1e3:.1f} ms/step  ({1.0 / dt:.1f} steps/s; "
           f"{cfg.num_train_steps_per_itr} steps/iteration = {dt * cfg.num_train_steps_per_itr:.1f} s)")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from metarelabel.buffers import FIELDS, EncoderBuffers, Path, TaskBuffers
@@ -221,3 +222,57 @@ def test_state_dict_round_trip(cls):
     np.testing.assert_array_equal(ids_in_order(other2, 0), ids_in_order(buf, 0))
     with pytest.raises(ValueError):
         cls(3, 13, OBS, ACT, **kw).load_state_dict(state)
+
+
+# ---- device mirror (gathering minibatches on the learner's device) ----------------------------
+def _assert_mirror_equals_host(buf, mirror, rng):
+    tasks = np.flatnonzero(buf.size > 0)
+    idx = buf.sample_indices(tasks, 64, rng)
+    host = buf.gather(tasks, idx, mirror.keys)
+    dev = mirror.gather(tasks, idx)
+    for k in mirror.keys:
+        np.testing.assert_array_equal(dev[k].cpu().numpy(), host[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cls", [TaskBuffers, EncoderBuffers])
+def test_device_mirror_follows_writes_wraparound_clears_and_loads(cls):
+    from metarelabel.buffers import DeviceMirror
+
+    rng = np.random.default_rng(0)
+    buf = cls(3, 2500, OBS, ACT)
+    mirror = DeviceMirror(buf, "cpu")
+    assert mirror.alloc == 0  # nothing reserved before data arrives
+    start = 0
+    for step in range(100):  # paths of random length on random tasks: growth and wraparound
+        task, n = int(rng.integers(3)), int(rng.integers(1, 200))
+        buf.add_path(task, make_path(task, start, n))
+        start += n
+        if step == 50 and cls is EncoderBuffers:
+            buf.mark_all_for_clear()
+        _assert_mirror_equals_host(buf, mirror, rng)
+    assert buf.size.max() <= mirror.alloc <= 2500  # grows as needed, never past the host capacity
+    if cls is TaskBuffers:
+        assert buf.size.max() == 2500 and mirror.alloc == 2500  # the ring wrapped
+    buf.clear(1)
+    buf.add_path(1, make_path(1, start, 7))
+    _assert_mirror_equals_host(buf, mirror, rng)
+
+    fresh = cls(3, 2500, OBS, ACT)
+    fresh_mirror = DeviceMirror(fresh, "cpu", keys=("obs", "rewards"))
+    fresh.load_state_dict(buf.state_dict())
+    _assert_mirror_equals_host(fresh, fresh_mirror, rng)
+
+
+def test_device_mirror_of_image_observations():
+    from metarelabel.buffers import DeviceMirror
+
+    buf = TaskBuffers(2, 50, 0, 2, obs_shape=(3, 4, 4), obs_dtype=np.uint8)
+    mirror = DeviceMirror(buf, "cpu", keys=("obs", "actions", "rewards", "next_obs"))
+    rng = np.random.default_rng(1)
+    for task in (0, 1, 0):
+        n = 30
+        obs = rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8)
+        buf.add(task, {"obs": obs, "actions": rng.uniform(-1, 1, (n, 2)), "rewards": rng.normal(size=n),
+                       "dense_rewards": np.zeros(n), "terminals": np.zeros(n), "next_obs": obs})
+    assert mirror.data["obs"].dtype == torch.uint8
+    _assert_mirror_equals_host(buf, mirror, rng)

@@ -71,3 +71,15 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys):
     assert len(resumed) == 3  # rows 2 and 3 were dropped and written again, once each
     assert _strip_time(resumed) == _strip_time(full)
     assert (run / "relabel_matrix.csv").read_text() == full_matrix
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("four-corners", ["--relabel", "hfr", "--num-train-steps-per-itr", "10"]),
+    ("sparse-point-robot", ["--num-train-steps-per-itr", "10", "--rl-reward", "dense"]),
+])
+def test_device_buffers_give_the_same_run(tmp_path, capsys, family, extra):
+    """Minibatches gathered from the device mirror (``--device-buffers on``; here the device is
+    the CPU) are the host's rows at the same indices: the run is identical."""
+    a = _train(capsys, tmp_path / "host", family, 5, "--device-buffers", "off", *extra)
+    b = _train(capsys, tmp_path / "mirror", family, 5, "--device-buffers", "on", *extra)
+    assert _strip_time(a) == _strip_time(b)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 FIELDS = ("obs", "actions", "rewards", "dense_rewards", "terminals", "next_obs")
 
@@ -73,6 +74,7 @@ class TaskBuffers:
         self.size = np.zeros(num_tasks, np.int64)
         self.ptr = np.zeros(num_tasks, np.int64)
         self.store_starts = store_starts
+        self.mirrors: list[DeviceMirror] = []
         if store_starts:
             self.starts = np.zeros((num_tasks, capacity) + self.obs_shape, self.obs_dtype)
             self.start_size = np.zeros(num_tasks, np.int64)
@@ -107,6 +109,8 @@ class TaskBuffers:
         for key in FIELDS:
             shp, dt = self.layout[key]
             self.data[key][task, idx] = np.asarray(transitions[key], dt).reshape((n,) + shp)
+        for mirror in self.mirrors:
+            mirror.write(task, idx)
         self.ptr[task] = (self.ptr[task] + n) % cap
         self.size[task] = min(cap, self.size[task] + n)
         if self.store_starts and start_obs is not None:
@@ -130,12 +134,19 @@ class TaskBuffers:
             empty = int(tasks[np.argmax(sizes[tasks] == 0)])
             raise RuntimeError(f"{what}: task {empty} has no data")
 
-    def sample(self, tasks, n: int, rng: np.random.Generator, keys=FIELDS) -> dict[str, np.ndarray]:
-        """``n`` transitions per task (uniform, with replacement), arrays ``[M, n, dim]``."""
+    def sample_indices(self, tasks, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Row indices ``[M, n]`` of ``n`` transitions per task (uniform, with replacement)."""
         tasks = np.asarray(tasks, np.int64)
         self._check_nonempty(tasks, self.size, "sample")
-        idx = rng.integers(0, self.size[tasks][:, None], size=(len(tasks), n))
+        return rng.integers(0, self.size[tasks][:, None], size=(len(tasks), n))
+
+    def gather(self, tasks, idx: np.ndarray, keys=FIELDS) -> dict[str, np.ndarray]:
+        tasks = np.asarray(tasks, np.int64)
         return {k: self.data[k][tasks[:, None], idx] for k in keys}
+
+    def sample(self, tasks, n: int, rng: np.random.Generator, keys=FIELDS) -> dict[str, np.ndarray]:
+        """``n`` transitions per task (uniform, with replacement), arrays ``[M, n, dim]``."""
+        return self.gather(tasks, self.sample_indices(tasks, n, rng), keys)
 
     def sample_starts(self, tasks, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` stored start observations per task, ``[M, n, *obs_shape]``."""
@@ -176,6 +187,65 @@ class TaskBuffers:
             sb = np.concatenate([[0], np.cumsum(ssize)])
             for t in range(self.num_tasks):
                 self.starts[t, : ssize[t]] = state["starts"][sb[t]: sb[t + 1]]
+        for mirror in self.mirrors:
+            mirror.sync()
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.uint8): torch.uint8}
+
+
+class DeviceMirror:
+    """A copy of some fields of a ``TaskBuffers`` on a torch device, written whenever the host
+    buffer is written (one copy per stored path), so minibatches are gathered on the device
+    from the same row indices as the host would use: per gradient step only the indices travel.
+    The host buffer stays the source of truth (relabelers, checkpoints); the mirror's capacity
+    grows by doubling up to the host's, so unused capacity costs no device memory."""
+
+    def __init__(self, host: TaskBuffers, device, keys=FIELDS):
+        self.host, self.device, self.keys = host, torch.device(device), tuple(dict.fromkeys(keys))
+        self.alloc = 0
+        self.data: dict[str, torch.Tensor] = {}
+        host.mirrors.append(self)
+        self.sync()
+
+    def _grow(self, need: int) -> None:
+        new = min(self.host.capacity, max(need, 2 * self.alloc, 1024))
+        for k in self.keys:
+            shp, dt = self.host.layout[k]
+            t = torch.zeros((self.host.num_tasks, new) + shp, dtype=_TORCH_DTYPES[dt], device=self.device)
+            if self.alloc:
+                t[:, : self.alloc] = self.data[k]
+            self.data[k] = t
+        self.alloc = new
+
+    def write(self, task: int, idx: np.ndarray) -> None:
+        """Copy the host rows ``idx`` of ``task`` (just written) to the device."""
+        need = int(idx.max()) + 1
+        if need > self.alloc:
+            self._grow(need)
+        lo, hi = int(idx.min()), need
+        if hi - lo == len(idx):  # contiguous (no wrap): one slice copy per field
+            for k in self.keys:
+                self.data[k][task, lo:hi] = torch.as_tensor(self.host.data[k][task, lo:hi], device=self.device)
+            return
+        ii = torch.as_tensor(idx, device=self.device)
+        for k in self.keys:
+            self.data[k][task, ii] = torch.as_tensor(self.host.data[k][task, idx], device=self.device)
+
+    def sync(self) -> None:
+        """Copy every filled row (after loading a checkpoint)."""
+        need = int(self.host.size.max()) if self.host.num_tasks else 0
+        if need > self.alloc:
+            self._grow(need)
+        if need:
+            for k in self.keys:
+                self.data[k][:, :need] = torch.as_tensor(self.host.data[k][:, :need], device=self.device)
+
+    def gather(self, tasks, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` ``[M, n]`` of ``tasks`` ``[M]`` as device tensors ``[M, n, ...]``."""
+        t = torch.as_tensor(np.asarray(tasks, np.int64), device=self.device)[:, None]
+        i = torch.as_tensor(idx, device=self.device)
+        return {k: self.data[k][t, i] for k in self.keys}
 
 
 class EncoderBuffers(TaskBuffers):

@@ -40,6 +40,9 @@ class Config:
     """Task seed: fixes the family's task set, independent of the run seed."""
     device: str = _f("cpu", choices=("cpu", "cuda", "auto"))
     """Torch device for networks and updates (`auto` = cuda when available)."""
+    device_buffers: str = _f("auto", choices=("auto", "on", "off"))
+    """Mirror the RL and encoder buffers on the device and gather minibatches there (`auto` =
+    on for cuda): one small index copy per gradient step instead of the gathered rows."""
     torch_threads: int = _f(1, lo=1, hi=256)
     """torch intra-op threads (1 is usually fastest when anything else runs)."""
     num_iterations: int = _f(300, lo=1)

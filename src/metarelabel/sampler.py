@@ -51,22 +51,22 @@ def rollout(env: TaskFamily, agent, z: torch.Tensor, max_path_length: int, deter
     )
 
 
-def _is_image(obs: np.ndarray) -> bool:
-    return np.asarray(obs).dtype == np.uint8
+def _is_image(obs) -> bool:
+    return obs.dtype in (np.uint8, torch.uint8) if hasattr(obs, "dtype") else np.asarray(obs).dtype == np.uint8
 
 
-def context_from(batch: dict[str, np.ndarray], reward_key: str, use_next_obs: bool):
+def context_from(batch: dict, reward_key: str, use_next_obs: bool):
     """Context transitions ``[..., obs + act + 1 (+ obs)]`` from buffer samples (a dict of
-    arrays for image observations)."""
+    arrays for image observations); numpy arrays, or torch tensors from a device mirror."""
     if _is_image(batch["obs"]):
-        ctx = {"obs": batch["obs"], "actions": batch["actions"], "rewards": np.asarray(batch[reward_key], np.float32)}
+        ctx = {"obs": batch["obs"], "actions": batch["actions"], "rewards": batch[reward_key]}
         if use_next_obs:
             ctx["next_obs"] = batch["next_obs"]
         return ctx
     parts = [batch["obs"], batch["actions"], batch[reward_key]]
     if use_next_obs:
         parts.append(batch["next_obs"])
-    return np.concatenate(parts, -1)
+    return torch.cat(parts, -1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, -1)
 
 
 def path_context(path: Path, rewards: np.ndarray, use_next_obs: bool) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .buffers import FIELDS, EncoderBuffers, Path, TaskBuffers
+from .buffers import FIELDS, DeviceMirror, EncoderBuffers, Path, TaskBuffers
 from .config import Config
 from .envs import make_family
 from .errors import CheckpointError, NonFiniteError, RunDirError, TrainingDiverged
@@ -105,6 +105,10 @@ class Trainer:
         self.smp_buf = TaskBuffers(n, self.caps["sampler"], obs_dim, act_dim, **layout)
         self.ctx_key = cfg.context_reward_key
         self.rl_key = cfg.rl_reward_key
+        self.ctx_keys = ("obs", "actions", self.ctx_key, "next_obs")
+        on_device = cfg.device_buffers == "on" or (cfg.device_buffers == "auto" and self.device.type == "cuda")
+        self.rl_mirror = DeviceMirror(self.rl_buf, self.device) if on_device else None
+        self.enc_mirror = DeviceMirror(self.enc_buf, self.device, self.ctx_keys) if on_device else None
 
         self.relabeler = make_relabeler(cfg.relabel, RelabelContext(
             cfg=cfg, family=self.env, learner=self.agent, rl_buffers=self.rl_buf, enc_buffers=self.enc_buf,
@@ -269,10 +273,15 @@ class Trainer:
     def sample_training_batch(self):
         cfg = self.cfg
         tasks = self.rng.integers(0, self.num_tasks, size=cfg.meta_batch)
-        b = self.rl_buf.sample(tasks, cfg.batch_size, self.rng)
-        c = self.enc_buf.sample(tasks, cfg.embedding_batch_size, self.rng,
-                                keys=("obs", "actions", self.ctx_key, "next_obs"))
+        idx = self.rl_buf.sample_indices(tasks, cfg.batch_size, self.rng)
+        cidx = self.enc_buf.sample_indices(tasks, cfg.embedding_batch_size, self.rng)
         dev = self.device
+        if self.rl_mirror is not None:  # gathered on the device: only the indices travel
+            b = self.rl_mirror.gather(tasks, idx)
+            c = self.enc_mirror.gather(tasks, cidx)
+        else:
+            b = self.rl_buf.gather(tasks, idx)
+            c = self.enc_buf.gather(tasks, cidx, self.ctx_keys)
         batch = {"obs": b["obs"], "actions": b["actions"], "rewards": b[self.rl_key],
                  "next_obs": b["next_obs"], "terminals": b["terminals"]}
         batch = {k: torch.as_tensor(v, device=dev) for k, v in batch.items()}
