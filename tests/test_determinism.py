@@ -55,11 +55,13 @@ def test_in_process_equals_fresh_process(tmp_path, capsys):
     assert _strip_time(a) == _strip_time(read_csv(tmp_path / "b" / "progress.csv"))
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys):
-    """Resuming from the iteration-1 checkpoint reproduces the uninterrupted run exactly."""
+@pytest.mark.parametrize("device_buffers", ["off", "on"])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys, device_buffers):
+    """Resuming from the iteration-1 checkpoint reproduces the uninterrupted run exactly (with
+    the device mirror, rebuilt from the loaded host buffers, too)."""
     run = tmp_path / "run"
     full = _train(capsys, run, "point-robot", 5, "--num-iterations", "3", "--num-train-steps-per-itr", "5",
-                  "--checkpoint-every", "1", "--keep-checkpoints", "3")
+                  "--checkpoint-every", "1", "--keep-checkpoints", "3", "--device-buffers", device_buffers)
     full_matrix = (run / "relabel_matrix.csv").read_text()
     for p in (run / "checkpoints").iterdir():
         if not p.name.startswith("ckpt_000001."):
