@@ -77,11 +77,17 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys, device_bu
 
 @pytest.mark.parametrize("family,extra", [
     ("four-corners", ["--relabel", "hfr", "--num-train-steps-per-itr", "10"]),
-    ("sparse-point-robot", ["--num-train-steps-per-itr", "10", "--rl-reward", "dense"]),
+    ("four-corners", ["--relabel", "hfr", "--learned-reward", "true", "--num-train-steps-per-itr", "10"]),
+    ("sparse-point-robot", ["--num-train-steps-per-itr", "10", "--rl-reward", "dense", "--use-next-obs-in-context"]),
 ])
 def test_device_buffers_give_the_same_run(tmp_path, capsys, family, extra):
     """Minibatches gathered from the device mirror (``--device-buffers on``; here the device is
     the CPU) are the host's rows at the same indices: the run is identical."""
-    a = _train(capsys, tmp_path / "host", family, 5, "--device-buffers", "off", *extra)
-    b = _train(capsys, tmp_path / "mirror", family, 5, "--device-buffers", "on", *extra)
-    assert _strip_time(a) == _strip_time(b)
+    rows = {}
+    for mode in ("off", "on"):
+        code, out, err = run_main(["train", family, *ARGS, "--seed", "5", "--run-dir", tmp_path / mode,
+                                   "--device-buffers", mode, *extra], capsys)
+        assert code == 0, err
+        assert ("device mirror on cpu" in out) == (mode == "on")  # the mirror was used, or not
+        rows[mode] = _strip_time(read_csv(tmp_path / mode / "progress.csv"))
+    assert rows["off"] == rows["on"]

@@ -62,6 +62,17 @@ def test_check_family_passes_for_the_example_and_catches_broken_ones(line_goal):
     with pytest.raises(AssertionError, match="same tasks"):
         check_family(Unseeded())
 
+    class ForgetfulState(line_goal):  # get_state misses the position
+        def get_state(self):
+            return {"np_random": self.np_random.bit_generator.state, "task": self._task}
+
+        def set_state(self, state):
+            self.np_random.bit_generator.state = state["np_random"]
+            self._task = state["task"]
+
+    with pytest.raises(AssertionError, match="following steps"):
+        check_family(ForgetfulState(), n_steps=40)
+
 
 def test_registered_family_trains_with_generic_and_own_presets(line_goal, tmp_path, capsys):
     register_family(line_goal)
@@ -97,13 +108,13 @@ def test_register_family_rejects_bad_classes(line_goal):
         register_family(NoHorizon)
 
 
-def _plugin_dir(root: Path, target: str = "line_goal:LineGoal") -> Path:
+def _plugin_dir(root: Path, target: str = "line_goal:LineGoal", name: str = "line-goal") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(EXAMPLES / "line_goal.py", root / "line_goal.py")
     dist = root / "line_goal_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: line-goal-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[metarelabel.families]\nline-goal = {target}\n")
+    (dist / "entry_points.txt").write_text(f"[metarelabel.families]\n{name} = {target}\n")
     return root
 
 
@@ -132,5 +143,16 @@ def test_broken_plugin_is_one_clear_line(tmp_path):
     res = _cli(["train", "line-goal", "--preset", "quick"], plugins, tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "plugin 'line-goal'" in res.stderr and "failed to load" in res.stderr
-    # the built-in families do not need the plugin
+    # the built-in families do not need the plugin, also once the plugins were loaded
     assert _cli(["config", "four-corners", "--preset", "quick"], plugins, tmp_path).returncode == 0
+    envs = _cli(["envs"], plugins, tmp_path)
+    assert envs.returncode == 0 and "failed to load" in envs.stdout
+    assert "didactic" in envs.stdout  # four-corners' row is intact
+
+
+def test_plugin_cannot_shadow_a_builtin_family(tmp_path):
+    plugins = _plugin_dir(tmp_path / "site", name="four-corners")
+    envs = _cli(["envs"], plugins, tmp_path)
+    assert envs.returncode == 0 and "'four-corners' is a built-in family" in envs.stderr
+    row = next(line for line in envs.stdout.splitlines() if line.startswith("four-corners"))
+    assert "didactic" in row  # still the built-in

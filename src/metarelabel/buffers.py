@@ -208,6 +208,12 @@ class DeviceMirror:
         host.mirrors.append(self)
         self.sync()
 
+    @staticmethod
+    def full_bytes(host: TaskBuffers, keys=FIELDS) -> int:
+        """Device memory of a mirror of ``keys`` once it has grown to the host capacity."""
+        row = sum(int(np.prod(host.layout[k][0])) * host.layout[k][1].itemsize for k in dict.fromkeys(keys))
+        return host.num_tasks * host.capacity * row
+
     def _grow(self, need: int) -> None:
         new = min(self.host.capacity, max(need, 2 * self.alloc, 1024))
         for k in self.keys:
@@ -241,11 +247,12 @@ class DeviceMirror:
             for k in self.keys:
                 self.data[k][:, :need] = torch.as_tensor(self.host.data[k][:, :need], device=self.device)
 
-    def gather(self, tasks, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows ``idx`` ``[M, n]`` of ``tasks`` ``[M]`` as device tensors ``[M, n, ...]``."""
-        t = torch.as_tensor(np.asarray(tasks, np.int64), device=self.device)[:, None]
-        i = torch.as_tensor(idx, device=self.device)
-        return {k: self.data[k][t, i] for k in self.keys}
+    def gather(self, tasks, idx) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` ``[M, n]`` of ``tasks`` ``[M]`` (numpy, or int64 tensors already on the
+        device) as device tensors ``[M, n, ...]``."""
+        t = tasks if isinstance(tasks, torch.Tensor) else torch.as_tensor(np.asarray(tasks, np.int64), device=self.device)
+        i = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx, device=self.device)
+        return {k: self.data[k][t[:, None], i] for k in self.keys}
 
 
 class EncoderBuffers(TaskBuffers):

@@ -137,6 +137,10 @@ def cmd_envs(args) -> int:
             continue
         n_eval = "= train" if cls.eval_is_train else str(cls.num_eval)
         rows.append((name, str(cls.num_train), n_eval, str(cls.horizon), f"{cls.discount:g}", cls.summary))
+    from .envs import PLUGIN_WARNINGS
+
+    for warning in PLUGIN_WARNINGS:
+        print(f"warning: {warning}", file=sys.stderr)
     header = ("family", "train", "eval", "horizon", "gamma", "")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     for r in [header] + rows:

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .buffers import FIELDS, DeviceMirror, EncoderBuffers, Path, TaskBuffers
 from .config import Config
 from .envs import make_family
-from .errors import CheckpointError, NonFiniteError, RunDirError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, NonFiniteError, RunDirError, TrainingDiverged
 from .evaluation import PROTOCOL, Evaluator, train_task_sample
 from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, make_dims
@@ -39,8 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("device: cuda requested but torch sees no CUDA device (use --device cpu or auto)")
     return torch.device(name)
 
@@ -106,9 +104,8 @@ class Trainer:
         self.ctx_key = cfg.context_reward_key
         self.rl_key = cfg.rl_reward_key
         self.ctx_keys = ("obs", "actions", self.ctx_key, "next_obs")
-        on_device = cfg.device_buffers == "on" or (cfg.device_buffers == "auto" and self.device.type == "cuda")
-        self.rl_mirror = DeviceMirror(self.rl_buf, self.device) if on_device else None
-        self.enc_mirror = DeviceMirror(self.enc_buf, self.device, self.ctx_keys) if on_device else None
+        self.rl_mirror = self.enc_mirror = None
+        self._setup_device_buffers()
 
         self.relabeler = make_relabeler(cfg.relabel, RelabelContext(
             cfg=cfg, family=self.env, learner=self.agent, rl_buffers=self.rl_buf, enc_buffers=self.enc_buf,
@@ -128,6 +125,28 @@ class Trainer:
         self._collected: list[tuple[float, bool]] = []  # (return, success) of this iteration's paths
 
     # ---- setup / output -------------------------------------------------------------------------
+    def _setup_device_buffers(self) -> None:
+        """Mirror the fields a gradient step reads (``device_buffers``), if they fit: at full
+        capacity the mirror may take at most half of the device's free memory."""
+        cfg = self.cfg
+        if not (cfg.device_buffers == "on" or (cfg.device_buffers == "auto" and self.device.type == "cuda")):
+            return
+        rl_keys = ("obs", "actions", self.rl_key, "next_obs", "terminals") + ((self.ctx_key,) if cfg.learned_reward else ())
+        enc_keys = ("obs", "actions", self.ctx_key) + (("next_obs",) if cfg.use_next_obs_in_context else ())
+        need = DeviceMirror.full_bytes(self.rl_buf, rl_keys) + DeviceMirror.full_bytes(self.enc_buf, enc_keys)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > free // 2:
+                msg = (f"the device buffers could need {_fmt_bytes(need)} at full capacity, more than half of the "
+                       f"{_fmt_bytes(free)} free on {self.device}")
+                if cfg.device_buffers == "on":
+                    raise ConfigError(f"device_buffers: {msg}; use --device-buffers off or a smaller replay_buffer_size")
+                self.echo(f"warning: {msg}; gathering minibatches on the host instead")
+                return
+        self.rl_mirror = DeviceMirror(self.rl_buf, self.device, rl_keys)
+        self.enc_mirror = DeviceMirror(self.enc_buf, self.device, enc_keys)
+        self._mirror_bytes = need
+
     def memory_estimate(self) -> str:
         bufs = (self.rl_buf, self.enc_buf, self.smp_buf)
         reserved = sum(b.nbytes for b in bufs)
@@ -135,7 +154,8 @@ class Trainer:
                 else "float32")
         return (f"buffers: {self.num_tasks} tasks x (RL {self.caps['rl']:,} + encoder {self.caps['encoder']:,} + "
                 f"sampler {self.caps['sampler']:,}) transitions, {kind}: {_fmt_bytes(reserved)} reserved "
-                f"(committed as data arrives)")
+                f"(committed as data arrives)"
+                + (f"; device mirror on {self.device}: up to {_fmt_bytes(self._mirror_bytes)}" if self.rl_mirror else ""))
 
     def start(self) -> None:
         """Write config and run metadata into a fresh run directory."""
@@ -276,9 +296,12 @@ class Trainer:
         idx = self.rl_buf.sample_indices(tasks, cfg.batch_size, self.rng)
         cidx = self.enc_buf.sample_indices(tasks, cfg.embedding_batch_size, self.rng)
         dev = self.device
-        if self.rl_mirror is not None:  # gathered on the device: only the indices travel
-            b = self.rl_mirror.gather(tasks, idx)
-            c = self.enc_mirror.gather(tasks, cidx)
+        if self.rl_mirror is not None:  # gathered on the device: only the indices travel, in one copy
+            M, B, E = len(tasks), idx.shape[1], cidx.shape[1]
+            packed = torch.as_tensor(np.concatenate([tasks, idx.ravel(), cidx.ravel()]), device=dev)
+            t_dev = packed[:M]
+            b = self.rl_mirror.gather(t_dev, packed[M: M + M * B].view(M, B))
+            c = self.enc_mirror.gather(t_dev, packed[M + M * B:].view(M, E))
         else:
             b = self.rl_buf.gather(tasks, idx)
             c = self.enc_buf.gather(tasks, cidx, self.ctx_keys)

@@ -46,6 +46,8 @@ REGISTRY: dict[str, FamilyEntry] = {
 BUILTIN = frozenset(REGISTRY)
 #: plugin families that failed to load: name -> the error, raised when that family is asked for
 PLUGIN_ERRORS: dict[str, str] = {}
+#: entry points that were ignored because they reuse a built-in family's name
+PLUGIN_WARNINGS: list[str] = []
 _plugins_loaded = False
 
 
@@ -83,6 +85,10 @@ def load_plugins() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in BUILTIN:  # never let a plugin shadow or break a built-in family
+            PLUGIN_WARNINGS.append(f"task-family plugin {ep.name!r} ({ep.value}) ignored: "
+                                   f"{ep.name!r} is a built-in family")
+            continue
         try:
             cls = ep.load()
             if getattr(cls, "name", None) != ep.name:
@@ -102,7 +108,7 @@ def family_names() -> list[str]:
 def family_class(name: str) -> type[TaskFamily]:
     if name not in REGISTRY:
         load_plugins()
-    if name in PLUGIN_ERRORS:
+    if name not in REGISTRY and name in PLUGIN_ERRORS:
         raise ConfigError(PLUGIN_ERRORS[name])
     if name not in REGISTRY:
         raise ConfigError(f"unknown task family {name!r}; choose from: {', '.join(REGISTRY)}")
@@ -124,4 +130,4 @@ def make_family(name: str, task_seed: int = 0) -> TaskFamily:
     return family_class(name)(task_seed=task_seed)
 
 
-__all__ = ["REGISTRY", "TaskFamily", "family_class", "family_names", "load_plugins", "make_family", "register_family"]
+__all__ = ["PLUGIN_ERRORS", "PLUGIN_WARNINGS", "REGISTRY", "TaskFamily", "family_class", "family_names", "load_plugins", "make_family", "register_family"]

@@ -83,6 +83,7 @@ def check_family(env: TaskFamily, n_steps: int = 300, seed: int = 0, tasks_to_ch
     n_needed = env.num_tasks if env.eval_is_train else env.num_train + env.num_eval
     _require(n_needed <= env.num_tasks, f"{n_needed} train + eval tasks but make_tasks returned {env.num_tasks}")
     rng = np.random.default_rng(seed)
+    n_steps = max(n_steps, 2 * env.horizon + 1)  # long enough to see truncation
     env.reset(seed=seed)
     picks = np.unique(np.linspace(0, env.num_tasks - 1, min(tasks_to_check, env.num_tasks)).round().astype(int))
     n_episodes = 0
@@ -96,11 +97,22 @@ def check_family(env: TaskFamily, n_steps: int = 300, seed: int = 0, tasks_to_ch
             _require(not ep["trunc"][-1] or len(ep["r"]) == env.horizon, "truncated before the horizon")
             subset = rng.integers(0, env.num_tasks, size=min(5, env.num_tasks))
             check_batched_reward(env, ep, int(task), subset)
-    # get_state / set_state continue the environment's randomness exactly
+    # get_state / set_state continue the environment exactly: mid-episode steps and the next reset
+    env.set_task(int(picks[-1]))
     env.reset(seed=seed + 1)
+    actions = [env.action_space.low + (env.action_space.high - env.action_space.low) * rng.uniform(size=env.action_space.shape)
+               for _ in range(min(5, env.horizon))]
+    env.step(actions[0])
     state = copy.deepcopy(env.get_state())
-    first = env.reset()[0]
-    env.set_state(state)
-    second = env.reset()[0]
-    _require(np.array_equal(first, second), "set_state(get_state()) must reproduce the next reset exactly")
+
+    def continue_from_state():
+        out = [env.step(a)[:2] for a in actions[1:]]
+        return out, env.reset()[0]
+
+    first_steps, first_reset = continue_from_state()
+    env.set_state(copy.deepcopy(state))
+    second_steps, second_reset = continue_from_state()
+    for (o1, r1), (o2, r2) in zip(first_steps, second_steps):
+        _require(np.array_equal(o1, o2) and r1 == r2, "set_state(get_state()) must reproduce the following steps exactly")
+    _require(np.array_equal(first_reset, second_reset), "set_state(get_state()) must reproduce the next reset exactly")
     return {"family": env.name, "tasks": env.num_tasks, "episodes": n_episodes}
