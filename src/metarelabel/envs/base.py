@@ -19,6 +19,22 @@ import numpy as np
 Infos = dict[str, np.ndarray]
 
 
+def task_index(tasks) -> np.ndarray:
+    """Task indices as a flat int64 array."""
+    return np.asarray(tasks, np.int64).reshape(-1)
+
+
+def goal_distance(points: np.ndarray, goals: np.ndarray) -> np.ndarray:
+    """Euclidean distance ``[K, T]`` between points ``[T, >=D]`` (their first D coordinates)
+    and goals ``[K, D]``; coordinates are summed in order, so every caller gets the same floats."""
+    points = np.asarray(points, np.float64)
+    sq = None
+    for d in range(goals.shape[1]):
+        diff = points[None, :, d] - goals[:, None, d]
+        sq = diff * diff if sq is None else sq + diff * diff
+    return np.sqrt(sq)
+
+
 class TaskFamily(gym.Env):
     """A family of tasks that share dynamics and differ in reward."""
 

@@ -36,6 +36,7 @@ import numpy as np
 from gymnasium import spaces
 
 from .base import Infos, TaskFamily
+from .base import task_index as _idx
 
 FRAME_SKIP = 5
 RESET_NOISE = 0.1
@@ -67,10 +68,6 @@ def low_gear_ant_xml(gear: float = ANT_LOW_GEAR) -> str:
     for motor in motors:
         motor.set("gear", f"{gear:g}")
     return ET.tostring(root, encoding="unicode")
-
-
-def _idx(tasks) -> np.ndarray:
-    return np.asarray(tasks, np.int64).reshape(-1)
 
 
 def _f64(infos: Infos, key: str) -> np.ndarray:

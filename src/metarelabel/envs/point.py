@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from .base import Infos, TaskFamily
+from .base import Infos, TaskFamily, goal_distance, task_index
 
 SUCCESS_RADIUS = 0.2
 
@@ -54,11 +54,7 @@ class _PointFamily(TaskFamily):
         self._t = int(state["t"])
 
     def _dist(self, infos: Infos, tasks) -> np.ndarray:
-        pos = np.asarray(infos["pos"], np.float64)  # [T, 2]
-        goals = self.tasks[np.asarray(tasks, np.int64)]  # [K, 2]
-        dx = pos[None, :, 0] - goals[:, None, 0]
-        dy = pos[None, :, 1] - goals[:, None, 1]
-        return np.sqrt(dx * dx + dy * dy)  # [K, T]
+        return goal_distance(infos["pos"], self.tasks[task_index(tasks)])  # [K, T]
 
 
 class FourCorners(_PointFamily):

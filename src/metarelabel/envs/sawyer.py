@@ -56,7 +56,8 @@ from gymnasium import spaces
 from metaworld.envs import SawyerPushEnvV3, SawyerReachEnvV3
 from metaworld.types import Task
 
-from .base import Infos, TaskFamily
+from .base import Infos, TaskFamily, goal_distance
+from .base import task_index as _idx
 
 MIN_SEPARATION = 0.15  # object start to goal, xy (Meta-World's reset rejects closer pairs)
 OBJECT_LOW = np.array([-0.1, 0.6])  # v3's object start box, xy (reach-v3 and push-v3)
@@ -67,10 +68,6 @@ PUSH_RADIUS = 0.07
 # indices of the 22 observed values in Meta-World's 39-D observation (curr 18, prev 18, goal 3)
 OBS_INDEX = np.r_[0:11, 18:29]
 MAX_OBJECT_DRAWS = 10_000
-
-
-def _idx(tasks) -> np.ndarray:
-    return np.asarray(tasks, np.int64).reshape(-1)
 
 
 class _FastSawyer:
@@ -233,12 +230,7 @@ class SawyerReach(_SawyerFamily):
     radius = REACH_RADIUS
 
     def distance(self, infos, tasks):
-        hand = np.asarray(infos["hand"], np.float64)  # [T, 3]
-        goals = self.tasks[_idx(tasks)]  # [K, 3]
-        dx = hand[None, :, 0] - goals[:, None, 0]
-        dy = hand[None, :, 1] - goals[:, None, 1]
-        dz = hand[None, :, 2] - goals[:, None, 2]
-        return np.sqrt(dx * dx + dy * dy + dz * dz)
+        return goal_distance(infos["hand"], self.tasks[_idx(tasks)])  # hand [T, 3], goals [K, 3]
 
 
 class SawyerPush(_SawyerFamily):
@@ -255,8 +247,4 @@ class SawyerPush(_SawyerFamily):
     radius = PUSH_RADIUS
 
     def distance(self, infos, tasks):
-        obj = np.asarray(infos["obj"], np.float64)  # [T, 3]
-        goals = self.tasks[_idx(tasks)]  # [K, 2]
-        dx = obj[None, :, 0] - goals[:, None, 0]
-        dy = obj[None, :, 1] - goals[:, None, 1]
-        return np.sqrt(dx * dx + dy * dy)
+        return goal_distance(infos["obj"], self.tasks[_idx(tasks)])  # object xy of [T, 3], goals [K, 2]

@@ -38,8 +38,8 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
-from .base import Infos  # noqa: E402
-from .mujoco_locomotion import _f64, _idx, _MujocoFamily, gymnasium_asset  # noqa: E402
+from .base import Infos, goal_distance  # noqa: E402
+from .mujoco_locomotion import _idx, _MujocoFamily, gymnasium_asset  # noqa: E402
 
 RADIUS = 0.05
 TARGET_R = (0.05, 0.20)
@@ -176,11 +176,7 @@ class VisualReacher(_MujocoFamily):
         return out[:n]
 
     def distance(self, infos: Infos, tasks) -> np.ndarray:
-        tip = _f64(infos, "fingertip")  # [T, 2]
-        goals = self.tasks[_idx(tasks)]  # [K, 2]
-        dx = tip[None, :, 0] - goals[:, None, 0]
-        dy = tip[None, :, 1] - goals[:, None, 1]
-        return np.sqrt(dx * dx + dy * dy)
+        return goal_distance(infos["fingertip"], self.tasks[_idx(tasks)])  # [K, T]
 
     def reward(self, infos, tasks):
         inside = self.distance(infos, tasks) <= RADIUS
