@@ -124,7 +124,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_envs(args) -> int:
-    from .envs import REGISTRY, family_class, family_names
+    from .envs import PLUGIN_WARNINGS, REGISTRY, family_class, family_names
 
     rows = []
     for name in family_names():
@@ -137,8 +137,6 @@ def cmd_envs(args) -> int:
             continue
         n_eval = "= train" if cls.eval_is_train else str(cls.num_eval)
         rows.append((name, str(cls.num_train), n_eval, str(cls.horizon), f"{cls.discount:g}", cls.summary))
-    from .envs import PLUGIN_WARNINGS
-
     for warning in PLUGIN_WARNINGS:
         print(f"warning: {warning}", file=sys.stderr)
     header = ("family", "train", "eval", "horizon", "gamma", "")

@@ -93,8 +93,7 @@ def load_plugins() -> None:
             cls = ep.load()
             if getattr(cls, "name", None) != ep.name:
                 raise ConfigError(f"the class's name is {getattr(cls, 'name', None)!r}; entry point and class name must agree")
-            if REGISTRY.get(ep.name, FamilyEntry("", "")).cls is not cls:
-                register_family(cls)
+            register_family(cls)  # registering the same class again is a no-op
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the other families down
             PLUGIN_ERRORS[ep.name] = f"task-family plugin {ep.name!r} ({ep.value}) failed to load: {exc}"
 
