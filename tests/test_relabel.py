@@ -889,3 +889,26 @@ def test_cli_smoke_learned_reward(tmp_path):
     progress, matrix = _train(tmp_path, "four-corners", "--relabel", "hfr", "--learned-reward", "true")
     assert len(progress) == 2 and "relabel/utility_mean" in progress[0]
     assert {r["iteration"] for r in matrix} == {"1", "2"}
+
+
+def test_keep_original_coin_per_group_and_one_choose_call():
+    """``assign(paths, groups)``: one coin per group in order of first appearance, from the
+    run's rng; the paths of the relabeled groups go to ``choose`` together, the others stay."""
+    rel, ctx = hfr_stub(keep_original_prob=0.5)
+    base = fc_paths(ctx.family, np.random.default_rng(0))
+    paths = [base[0], base[1], base[2], base[0], base[1]]
+    groups = [7, 7, 3, 9, 9]
+    calls = []
+    choose = rel.choose
+    rel.choose = lambda ps: calls.append(len(ps)) or choose(ps)
+    for seed in range(12):
+        ctx.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        coins = np.random.default_rng(seed).random(3) < 0.5  # groups 7, 3, 9
+        calls.clear()
+        out = rel.assign(paths, groups)
+        kept = [coins[[7, 3, 9].index(g)] for g in groups]
+        for p, a, k in zip(paths, out, kept):
+            if k:
+                assert (a == p.task).all()
+        n_relabel = sum(not k for k in kept)
+        assert calls == ([n_relabel] if n_relabel else [])

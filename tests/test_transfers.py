@@ -72,7 +72,7 @@ def test_evaluation_moves_one_context_per_posterior_trajectory(counted):
     step = env.step
     env.step = lambda action: steps.append(1) or step(action)
     counted.update(to_device=0, to_host=0, item=0)
-    returns, _ = ev.run_task(0)
+    returns = ev.run_task(0).returns
     posterior_trajectories = len(returns) - cfg.exploration_trajectories
     assert len(steps) >= 100 and posterior_trajectories >= 1
     # every env step: one observation in, one action out; each posterior trajectory: one context in

@@ -45,6 +45,13 @@ class Config:
     on for cuda): one small index copy per gradient step instead of the gathered rows."""
     torch_threads: int = _f(1, lo=1, hi=256)
     """torch intra-op threads (1 is usually fastest when anything else runs)."""
+    rollouts: str = _f("vector", choices=("vector", "sequential"))
+    """Rollout engine: `vector` steps all task visits (collection) and all (task, run) pairs
+    (evaluation) in lockstep with one policy call per step; `sequential` is the
+    one-environment-at-a-time reference."""
+    grad_step: str = _f("auto", choices=("auto", "lean", "reference"))
+    """Gradient step: `lean` (hand-written backward, two fused Adam calls; vector observations
+    only), `reference` (autograd, the textbook order), `auto` = lean where it applies."""
     num_iterations: int = _f(300, lo=1)
     """Meta-training iterations (after the initial collection)."""
     checkpoint_every: int = _f(10, lo=0)
@@ -278,7 +285,14 @@ def load_config_json(path) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} is not a JSON object")
+    # runs started before these fields existed continue exactly as they were made
+    for key, old in LEGACY_DEFAULTS.items():
+        data.setdefault(key, old)
     return build_config({}, data)
+
+
+#: values of fields added after the first release, for config.json files that lack them
+LEGACY_DEFAULTS = {"rollouts": "sequential", "grad_step": "reference"}
 
 
 @lru_cache(maxsize=1)

@@ -6,8 +6,14 @@ out, accumulating context, until ``eval_steps`` transitions are collected.  The 
 is sampled from the posterior inferred from all context collected so far, re-inferred after
 each trajectory.
 
-The evaluator owns its environment instance and its torch generator, so evaluating (or not)
-never changes the random streams of training.
+With ``rollouts = vector`` every (task, run) pair of one ``evaluate`` call runs side by side on
+the lanes of the rollout engine (``rollout.run_jobs``): one policy call per step for all of
+them, the prior draws of all pairs starting a trajectory in one call, and the posteriors of all
+pairs with the same amount of context in one encoder call.  ``rollouts = sequential`` runs the
+pairs one after another (the reference).
+
+The evaluator owns its environments and its torch generator, so evaluating (or not) never
+changes the random streams of training.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import math
 import numpy as np
 import torch
 
-from .sampler import context_tensor, path_context, rollout, stack_contexts
+from .rollout import Job, lane_seeds, lanes_for, run_jobs
+from .sampler import context_tensor, path_context, resolve_device, rollout, stack_contexts
 
 PROTOCOL = "pearl-online"
 
@@ -27,6 +34,26 @@ def train_task_sample(num_train: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, num_train - 1, k).round().astype(np.int64)) if k else np.zeros(0, np.int64)
 
 
+class Pair(Job):
+    """One (task, run) of the protocol: trajectories until ``eval_steps`` transitions."""
+
+    def __init__(self, task: int, cfg):
+        self.task, self.cfg = int(task), cfg
+        self.contexts, self.returns, self.successes, self.steps = [], [], [], 0
+
+    def want(self):
+        if self.steps >= self.cfg.eval_steps:
+            return None
+        return "prior" if len(self.returns) < self.cfg.exploration_trajectories else "posterior"
+
+    def take(self, path) -> None:
+        cfg = self.cfg
+        self.contexts.append(path_context(path, getattr(path, cfg.context_reward_key), cfg.use_next_obs_in_context))
+        self.returns.append(float(path.rewards.sum()))
+        self.successes.append(bool(path.success.any()))
+        self.steps += len(path)
+
+
 class Evaluator:
     def __init__(self, env, agent, cfg, seed: int):
         self.env, self.agent, self.cfg = env, agent, cfg
@@ -34,6 +61,40 @@ class Evaluator:
         self.generator.manual_seed(int(seed))
         self.env.reset(seed=int(seed))
         self.num_k = max(1, cfg.eval_steps // cfg.max_path_length)
+        self.venv = None
+        if getattr(cfg, "rollouts", "sequential") == "vector":
+            pairs = max(len(env.eval_tasks), cfg.num_eval_train_tasks) * cfg.eval_runs
+            self.venv = env.vector_env(lane_seeds(seed, lanes_for(env, pairs)))
+
+    def _pair_z(self, pairs: list[Pair], kinds: list[str]) -> torch.Tensor:
+        """z for the pairs starting a trajectory: prior draws for all of them in one call,
+        then the posteriors, one encoder call per context length."""
+        L, dev = self.agent.dims.latent, self.agent.device
+        z = torch.empty(len(pairs), L, device=dev)
+        pri = [i for i, k in enumerate(kinds) if k == "prior"]
+        if pri:
+            z[pri] = (torch.randn(len(pri), L, generator=self.generator, device=dev)
+                      if self.cfg.use_information_bottleneck else torch.zeros(len(pri), L, device=dev))
+        by_len: dict[int, list[int]] = {}
+        for i, k in enumerate(kinds):
+            if k == "posterior":
+                by_len.setdefault(pairs[i].steps, []).append(i)
+        for group in by_len.values():
+            ctx = [stack_contexts(pairs[i].contexts) for i in group]
+            ctx = ({k: np.concatenate([c[k] for c in ctx], 0) for k in ctx[0]} if isinstance(ctx[0], dict)
+                   else np.concatenate(ctx, 0))
+            with torch.no_grad():
+                mu, var = self.agent.infer_posterior(context_tensor(ctx, dev))
+            if self.cfg.use_information_bottleneck:
+                mu = mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=dev)
+            z[group] = mu
+        return z
+
+    def run_pairs(self, tasks) -> list[Pair]:
+        """Every (task, run) pair of the protocol on ``tasks``, task-major, run side by side."""
+        pairs = [Pair(int(t), self.cfg) for t in tasks for _ in range(self.cfg.eval_runs)]
+        run_jobs(self.venv, self.agent, pairs, self.cfg.max_path_length, self._pair_z, deterministic=True)
+        return pairs
 
     def _z_prior(self) -> torch.Tensor:
         L = self.agent.dims.latent
@@ -49,37 +110,36 @@ class Evaluator:
             return mu
         return mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=mu.device)
 
-    def run_task(self, task: int):
-        """Returns per-trajectory returns and success flags of one run."""
+    def run_task(self, task: int) -> Pair:
+        """One (task, run) pair, one environment step at a time (``rollouts = sequential``)."""
         cfg = self.cfg
-        reward_key = cfg.context_reward_key
         self.env.set_task(task)
-        contexts, returns, successes = [], [], []
-        steps = 0
-        while steps < cfg.eval_steps:
-            k = len(returns)
-            z = self._z_prior() if k < cfg.exploration_trajectories else self._z_posterior(contexts)
-            path = rollout(self.env, self.agent, z, cfg.max_path_length, deterministic=True)
-            contexts.append(path_context(path, getattr(path, reward_key), cfg.use_next_obs_in_context))
-            returns.append(float(path.rewards.sum()))
-            successes.append(bool(path.success.any()))
-            steps += len(path)
-        return returns, successes
+        pair = Pair(task, cfg)
+        while (kind := pair.want()) is not None:
+            z = self._z_prior() if kind == "prior" else self._z_posterior(pair.contexts)
+            pair.take(rollout(self.env, self.agent, z, cfg.max_path_length, deterministic=True))
+        return pair
+
+    def runs(self, tasks) -> list[Pair]:
+        """Every (task, run) pair of the protocol on ``tasks``, task-major."""
+        if self.venv is not None:
+            return self.run_pairs(tasks)
+        return [self.run_task(int(t)) for t in tasks for _ in range(self.cfg.eval_runs)]
+
 
     def evaluate(self, tasks, prefix: str) -> dict[str, float]:
         cfg = self.cfg
         finals, final_success, any_success, n_traj = [], [], [], []
         by_k = [[] for _ in range(self.num_k)]
-        for task in tasks:
-            for _ in range(cfg.eval_runs):
-                returns, successes = self.run_task(int(task))
-                finals.append(returns[-1])
-                final_success.append(successes[-1])
-                post = successes[cfg.exploration_trajectories:]
-                any_success.append(any(post))
-                n_traj.append(len(returns))
-                for k, r in enumerate(returns[: self.num_k]):
-                    by_k[k].append(r)
+        for pair in self.runs(tasks):
+            returns, successes = pair.returns, pair.successes
+            finals.append(returns[-1])
+            final_success.append(successes[-1])
+            post = successes[cfg.exploration_trajectories:]
+            any_success.append(any(post))
+            n_traj.append(len(returns))
+            for k, r in enumerate(returns[: self.num_k]):
+                by_k[k].append(r)
         out = {
             f"{prefix}/return": float(np.mean(finals)),
             f"{prefix}/success_rate": float(np.mean(any_success)),
@@ -101,8 +161,6 @@ def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = Non
     from .envs import make_family
     from .errors import ConfigError, RunDirError
     from .pearl import PEARL, make_dims
-    from .trainer import resolve_device
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise RunDirError(f"{run_dir} is not a metarelabel run directory (no config.json)")

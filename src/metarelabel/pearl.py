@@ -23,13 +23,15 @@ trunk is the identity and nothing above changes.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .networks import FEATURE_DIM, MLP, ContextEncoder, ConvTrunk, TanhGaussianPolicy, TwinQ
+from .networks import (_LOG2, FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, ContextEncoder, ConvTrunk,
+                       TanhGaussianPolicy, TwinQ)
 
 VAR_MIN = 1e-7
 
@@ -85,6 +87,129 @@ def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return 0.5 * (var + mu * mu - 1.0 - var.log()).sum(-1)
 
 
+def _relu_backward(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Gradient through ReLU given its output ``h``."""
+    return torch.ops.aten.threshold_backward(g, h, 0.0)
+
+
+def _mlp_forward(mlp: MLP, x: torch.Tensor, head: bool = True):
+    """``mlp(x)`` (or its last hidden activation with ``head=False``) and the inputs of its
+    layers, for ``_mlp_backward``."""
+    hs = [x]
+    for lin in mlp.hidden:
+        x = torch.addmm(lin.bias, x, lin.weight.t()).relu_()
+        hs.append(x)
+    if not head:
+        return x, hs
+    return torch.addmm(mlp.out.bias, x, mlp.out.weight.t()), hs
+
+
+def _linear_grads(lin, g: torch.Tensor, h: torch.Tensor, grads: dict) -> None:
+    """Weight and bias gradients of ``y = h W^T + b`` into their (preallocated) tensors."""
+    torch.mm(g.t(), h, out=grads[lin.weight])
+    torch.sum(g, 0, out=grads[lin.bias])
+
+
+def _mlp_backward(mlp: MLP, hs: list, g: torch.Tensor, grads: dict, head: bool = True) -> None:
+    """Parameter gradients of an MLP from the output gradient ``g`` (with ``head=False``: the
+    gradient of the last hidden activation); the input's gradient is not needed."""
+    layers = list(mlp.hidden)
+    if head:
+        lin, h = mlp.out, hs[-1]
+        _linear_grads(lin, g, h, grads)
+        g = _relu_backward(g.mm(lin.weight), h)
+    else:
+        g = _relu_backward(g, hs[-1])
+    for i in range(len(layers) - 1, -1, -1):
+        lin, h = layers[i], hs[i]
+        _linear_grads(lin, g, h, grads)
+        if i > 0:
+            g = _relu_backward(g.mm(lin.weight), h)
+
+
+def _twin_forward(qf: TwinQ, x: torch.Tensor):
+    """``qf(x)`` ``[2, n]`` and the activations ``_twin_backward`` needs."""
+    h = x.unsqueeze(0).expand(qf.n_heads, *x.shape)
+    hs = [h]
+    last = len(qf.weights) - 1
+    for i, (w, b) in enumerate(zip(qf.weights, qf.biases)):
+        h = torch.baddbmm(b, h, w)
+        if i < last:
+            h = h.relu_()
+            hs.append(h)
+    return h.squeeze(-1), hs
+
+
+def _twin_backward(qf: TwinQ, hs: list, g: torch.Tensor, grads: dict | None, cols: slice) -> torch.Tensor:
+    """Back through the twin critic from ``g`` ``[2, n]`` (d loss / d Q): parameter gradients
+    into ``grads`` (None: not needed) and the input gradient of columns ``cols``, summed over
+    the heads, ``[n, len(cols)]``."""
+    g = g.unsqueeze(-1)
+    for i in range(len(qf.weights) - 1, -1, -1):
+        w, h = qf.weights[i], hs[i]
+        if grads is not None:
+            torch.bmm(h.transpose(1, 2), g, out=grads[w])
+            torch.sum(g, 1, keepdim=True, out=grads[qf.biases[i]])
+        if i > 0:
+            g = _relu_backward(torch.bmm(g, w.transpose(1, 2)), h)
+    return torch.bmm(g, qf.weights[0][:, cols, :].transpose(1, 2)).sum(0)
+
+
+class FlatAdam:
+    """The parameters of some fused Adam optimizers, their gradients and Adam moments as views
+    of three flat buffers, so that one ``_fused_adam_`` call steps them all with the kernel and
+    arithmetic of ``Optimizer.step`` (Adam is elementwise).  Parameters (``p.data``) and the
+    optimizers' ``exp_avg`` / ``exp_avg_sq`` state become those views, so the reference step,
+    ``state_dict`` and ``load_state_dict`` keep working on the same tensors; after an
+    optimizer's ``load_state_dict`` the group must be rebuilt.  ``grads`` maps each parameter
+    to its gradient view, which the lean step overwrites completely every step."""
+
+    def __init__(self, optimizers):
+        self.optimizers = list(optimizers)
+        group = self.optimizers[0].param_groups[0]
+        self.hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                          weight_decay=group["weight_decay"], eps=group["eps"])
+        pairs = [(opt, p) for opt in self.optimizers for grp in opt.param_groups for p in grp["params"]]
+        for opt, p in pairs:
+            st = opt.state[p]
+            if not st:  # the state Optimizer.step would create for a fused Adam
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        counts = {float(opt.state[p]["step"]) for opt, p in pairs}
+        if len(counts) > 1:
+            raise ValueError("FlatAdam: the optimizers' step counts differ")
+        # one step count per parameter, as Optimizer.step keeps them, as 0-d views of one
+        # tensor: one kernel increments them all
+        device = pairs[0][1].device
+        self.steps = torch.full((len(pairs),), counts.pop(), dtype=torch.float32, device=device)
+        for i, (opt, p) in enumerate(pairs):
+            opt.state[p]["step"] = self.steps[i]
+
+        def flat(tensors):
+            return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+        params = [p for _, p in pairs]
+        self.param = flat(params)
+        self.exp_avg = flat([opt.state[p]["exp_avg"] for opt, p in pairs])
+        self.exp_avg_sq = flat([opt.state[p]["exp_avg_sq"] for opt, p in pairs])
+        self.grad = torch.zeros_like(self.param)
+        self.grads = {}
+        start = 0
+        for opt, p in pairs:
+            end = start + p.numel()
+            p.data = self.param[start:end].view_as(p)
+            opt.state[p]["exp_avg"] = self.exp_avg[start:end].view_as(p)
+            opt.state[p]["exp_avg_sq"] = self.exp_avg_sq[start:end].view_as(p)
+            self.grads[p] = self.grad[start:end].view_as(p)
+            start = end
+
+    def step(self) -> None:
+        self.steps.add_(1)
+        torch._fused_adam_([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps[0]],
+                           amsgrad=False, maximize=False, **self.hyper)
+
+
 class PEARL:
     """Networks, optimizers and the gradient step.  Also implements the learner protocol
     relabeling strategies use: ``infer_posterior``, ``sample_z``, ``start_state_value`` and
@@ -114,6 +239,7 @@ class PEARL:
         if dims.image:
             self.trunk = ConvTrunk(dims.obs_shape, dims.feature_dim).to(device)
             self.optimizers["trunk"] = torch.optim.Adam(self.trunk.parameters(), **adam)
+        self._flat = None  # the lean step's FlatAdam groups, built on first use
 
     # ---- observations --------------------------------------------------------------------
     def embed_obs(self, obs: torch.Tensor) -> torch.Tensor:
@@ -170,6 +296,15 @@ class PEARL:
         action = self.policy(x, deterministic)[0]
         return action[0].cpu().numpy()
 
+    @torch.no_grad()
+    def act_batch(self, obs: np.ndarray, z: torch.Tensor, deterministic: bool = False) -> np.ndarray:
+        """Actions ``[k, act]`` for k observations and latents ``z`` ``[k, L]``: one policy
+        call (one observation copy to the device and one action copy back)."""
+        o = torch.as_tensor(obs, device=self.device)
+        o = o.float().reshape(len(o), -1) if self.trunk is None else self.embed_obs(o)
+        action = self.policy(torch.cat([o, z], -1), deterministic)[0]
+        return action.cpu().numpy()
+
     # ---- learner protocol for relabeling ------------------------------------------------
     @torch.no_grad()
     def start_state_value(self, starts: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,9 +337,22 @@ class PEARL:
         return ((q - y) ** 2).reshape(2, K, B).mean(-1).sum(0)
 
     # ---- the gradient step ---------------------------------------------------------------
+    @property
+    def lean(self) -> bool:
+        """Whether ``update`` runs the lean step (``grad_step``; vector observations only)."""
+        mode = getattr(self.cfg, "grad_step", "reference")
+        if mode == "lean" and self.trunk is not None:
+            raise ValueError("grad_step: lean supports vector observations only (use auto or reference)")
+        return mode == "lean" or (mode == "auto" and self.trunk is None)
+
     def update(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One PEARL gradient step on batches ``[M, B, .]`` and contexts ``[M, C, .]``.
-        Returns detached loss tensors (no host synchronisation)."""
+        """One PEARL gradient step on batches ``[M, B, .]`` and contexts ``[M, C, .]``
+        (``update_lean`` or ``update_reference``, by ``grad_step``).  Returns detached loss
+        tensors (no host synchronisation)."""
+        return self.update_lean(batch, context) if self.lean else self.update_reference(batch, context)
+
+    def update_reference(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reference step: autograd, three backward passes in the textbook order."""
         cfg = self.cfg
         obs, act, rew, nxt, term = (batch[k] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
         M, B = act.shape[:2]
@@ -277,6 +425,124 @@ class PEARL:
             "train/z_var": var.detach().mean() if cfg.use_information_bottleneck else kl.detach(),
         }
 
+    @torch.no_grad()
+    def update_lean(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The same step as ``update_reference`` (same losses, same random draws in the same
+        order, same Adam) with a hand-written backward pass: no autograd graph, two fused Adam
+        calls, and the V and policy gradients from one pass (V's target is detached and the
+        policy loss does not involve V, so they never mix).  The critics, target V, policy
+        and V forward passes are the module's own layers applied by ``_mlp_forward`` /
+        ``_twin_forward``, so both steps read the same parameters.  Vector observations only."""
+        cfg, L = self.cfg, self.dims.latent
+        obs, act, rew, nxt, term = (batch[k] for k in ("obs", "actions", "rewards", "next_obs", "terminals"))
+        M, B = act.shape[:2]
+        n = M * B
+        o, a = obs.shape[-1], act.shape[-1]
+        obs, act, nxt = obs.reshape(n, -1), act.reshape(n, -1), nxt.reshape(n, -1)
+        rew, term = rew.reshape(n), term.reshape(n)
+        if self._flat is None:
+            self._flat = (FlatAdam((self.optimizers["qf"], self.optimizers["encoder"])),
+                          FlatAdam((self.optimizers["vf"], self.optimizers["policy"])))
+        critic_adam, actor_adam = self._flat
+        grads = critic_adam.grads
+
+        # ---- encoder + critics: posterior, z, Q loss, KL ----
+        C = context.shape[1]
+        out, enc_hs = _mlp_forward(self.encoder, context.reshape(M * C, -1))
+        if cfg.use_information_bottleneck:
+            out = out.view(M, C, 2 * L)
+            mu_c, s = out[..., :L], out[..., L:]
+            sp = F.softplus(s)
+            var_c = sp.clamp(min=VAR_MIN)
+            prec = 1.0 / var_c
+            V = 1.0 / prec.sum(1)
+            S = (mu_c * prec).sum(1)
+            m = V * S
+            eps = torch.randn_like(m)
+            sd = V.sqrt()
+            z = m + sd * eps
+            kl = kl_to_standard_normal(m, V).sum()
+        else:
+            out = out.view(M, C, L)
+            m = out.mean(1)
+            z, V = m, None
+            kl = torch.zeros((), device=obs.device)
+        zb = z.unsqueeze(1).expand(M, B, L).reshape(n, L)
+        q, q_hs = _twin_forward(self.qf, torch.cat([obs, act, zb], -1))
+        v_next = self.target_vf(torch.cat([nxt, zb], -1)).squeeze(-1)
+        y = cfg.reward_scale * rew + (1.0 - term) * cfg.discount * v_next
+        diff = q - y
+        qf_loss = (diff * diff).mean(-1).sum()
+        # d qf_loss / d q, back through the critics to their parameters and to z
+        g_zb = _twin_backward(self.qf, q_hs, diff * (2.0 / n), grads, slice(o + a, o + a + L))
+        g_z = g_zb.view(M, B, L).sum(1)
+        if cfg.use_information_bottleneck:
+            lam = cfg.kl_lambda
+            g_m = g_z + lam * m  # KL = 0.5 sum(V + m^2 - 1 - log V)
+            g_V = g_z * eps * (0.5 / sd) + (0.5 * lam) * (1.0 - 1.0 / V)
+            g_S = g_m * V  # m = V * S, V = 1 / sum_c prec_c, S = sum_c mu_c prec_c
+            g_P = -(g_V + g_m * S) * V * V
+            g_mu_c = g_S.unsqueeze(1) * prec
+            g_prec = g_S.unsqueeze(1) * mu_c + g_P.unsqueeze(1)
+            g_sp = (-g_prec * prec * prec) * (sp >= VAR_MIN)
+            g_out = torch.cat([g_mu_c, g_sp * torch.sigmoid(s)], -1)
+        else:
+            g_out = (g_z / C).unsqueeze(1).expand(M, C, L)
+        _mlp_backward(self.encoder, enc_hs, g_out.reshape(M * C, -1), grads)
+        critic_adam.step()
+        grads = actor_adam.grads
+
+        # ---- V and policy (z detached; the critics as just updated, their weights fixed) ----
+        x = torch.cat([obs, zb], -1)
+        pol = self.policy
+        h, pol_hs = _mlp_forward(pol.net, x, head=False)
+        pmean = torch.addmm(pol.net.out.bias, h, pol.net.out.weight.t())
+        ls_raw = torch.addmm(pol.log_std.bias, h, pol.log_std.weight.t())
+        plog_std = ls_raw.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        std = plog_std.exp()
+        eps_a = torch.randn_like(pmean)
+        u = pmean + std * eps_a
+        new_act = torch.tanh(u)
+        log_pi = (-0.5 * ((u - pmean) / std) ** 2 - plog_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_pi = log_pi - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        v_out, v_hs = _mlp_forward(self.vf, x)
+        v = v_out.squeeze(-1)
+        q2, qn_hs = _twin_forward(self.qf, torch.cat([obs, new_act, zb], -1))
+        q_new, head = q2.min(0)
+        v_err = v - (q_new - log_pi)
+        vf_loss = (v_err * v_err).mean()
+        reg = cfg.policy_mean_reg * (pmean**2).mean() + cfg.policy_std_reg * (plog_std**2).mean()
+        policy_loss = (log_pi - q_new).mean() + reg
+
+        _mlp_backward(self.vf, v_hs, (v_err * (2.0 / n)).unsqueeze(-1), grads)
+        # policy loss: d/d q_new = -1/n on the smaller head, back to the action only
+        g_q = torch.zeros_like(q2).scatter_(0, head.unsqueeze(0), -1.0 / n)
+        g_act = _twin_backward(self.qf, qn_hs, g_q, None, slice(o, o + a))
+        # d log_pi / du = 2 tanh(u) (the squash correction; the Gaussian term's total
+        # derivative along u = mean + std * eps is zero), d log_pi / d log_std = -1
+        g_u = g_act * (1.0 - new_act * new_act) + (2.0 / n) * new_act
+        k = n * a
+        g_mean = g_u + (2.0 * cfg.policy_mean_reg / k) * pmean
+        g_ls = g_u * std * eps_a - 1.0 / n + (2.0 * cfg.policy_std_reg / k) * plog_std
+        g_ls = g_ls * ((ls_raw >= LOG_STD_MIN) & (ls_raw <= LOG_STD_MAX))
+        for lin, g in ((pol.net.out, g_mean), (pol.log_std, g_ls)):
+            _linear_grads(lin, g, h, grads)
+        g_h = g_mean.mm(pol.net.out.weight).addmm_(g_ls, pol.log_std.weight)
+        _mlp_backward(pol.net, pol_hs, g_h, grads, head=False)
+        actor_adam.step()
+        torch._foreach_lerp_(list(self.target_vf.parameters()), list(self.vf.parameters()), cfg.soft_target_tau)
+
+        return {
+            "losses/qf": qf_loss,
+            "losses/vf": vf_loss,
+            "losses/policy": policy_loss,
+            "losses/kl": kl,
+            "train/q_mean": q.mean(),
+            "train/v_mean": v.mean(),
+            "train/log_pi": log_pi.mean(),
+            "train/z_var": V.mean() if cfg.use_information_bottleneck else kl,
+        }
+
     # ---- state ---------------------------------------------------------------------------------
     def modules(self) -> dict:
         out = {"encoder": self.encoder, "qf": self.qf, "vf": self.vf, "target_vf": self.target_vf,
@@ -297,3 +563,4 @@ class PEARL:
         if with_optimizers:
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
+            self._flat = None  # the loaded Adam state replaced the flat views

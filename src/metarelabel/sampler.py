@@ -15,6 +15,16 @@ import torch
 
 from .buffers import Path
 from .envs.base import TaskFamily
+from .errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` as a torch device (a clear error without CUDA)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch sees no CUDA device (use --device cpu or auto)")
+    return torch.device(name)
 
 
 def rollout(env: TaskFamily, agent, z: torch.Tensor, max_path_length: int, deterministic: bool = False) -> Path:

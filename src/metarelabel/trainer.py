@@ -32,15 +32,48 @@ from .evaluation import PROTOCOL, Evaluator, train_task_sample
 from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, make_dims
 from .relabel import RelabelContext, make_relabeler
-from .sampler import context_from, context_tensor, rollout
+from .rollout import Job, lane_seeds, lanes_for, run_jobs
+from .sampler import context_from, context_tensor, resolve_device, rollout
+
+__all__ = ["Trainer", "load_trainer", "prepare_run_dir", "resolve_device"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch sees no CUDA device (use --device cpu or auto)")
-    return torch.device(name)
+class Visit(Job):
+    """One collection visit of a task (``rollouts = vector``): its phases in order, each
+    ``(num_steps, posterior, feeds_encoder)``; within a phase whole trajectories until at least
+    ``num_steps`` steps.  A phase's first trajectory uses z ~ prior, as does every trajectory
+    of a prior phase; a posterior phase re-infers z from the visit's own paths so far after
+    each trajectory.  ``index`` is the visit's row in the trainer's visit buffer (None: the
+    visit never infers a posterior and keeps no rows)."""
+
+    def __init__(self, index: int | None, task: int, phases, relabel: bool = True):
+        self.index, self.task, self.relabel = index, int(task), relabel
+        self.phases = [p for p in phases if p[0] > 0]
+        self.phase, self.steps, self.paths = 0, 0, []
+        self.feeds: list[bool] = []
+        self._pending: list[Path] = []
+        #: batches ready to be filed: (paths, feeds_encoder)
+        self.ready: list[tuple[list[Path], bool]] = []
+
+    def want(self):
+        while self.phase < len(self.phases) and self.steps >= self.phases[self.phase][0]:
+            self.phase, self.steps = self.phase + 1, 0
+        if self.phase == len(self.phases):
+            return None
+        _, posterior, _ = self.phases[self.phase]
+        return "posterior" if posterior and self.steps > 0 else "prior"
+
+    def take(self, path: Path) -> None:
+        _, posterior, feeds = self.phases[self.phase]
+        self.steps += len(path)
+        self.paths.append(path)
+        self.feeds.append(feeds)
+        self._pending.append(path)
+        # what the sequential collector files in one batch: a prior phase's paths together
+        # when the phase ends, a posterior path on its own
+        if posterior or self.steps >= self.phases[self.phase][0]:
+            self.ready.append((self._pending, feeds))
+            self._pending = []
 
 
 def _fmt_bytes(n: float) -> str:
@@ -110,6 +143,14 @@ class Trainer:
         self.relabeler = make_relabeler(cfg.relabel, RelabelContext(
             cfg=cfg, family=self.env, learner=self.agent, rl_buffers=self.rl_buf, enc_buffers=self.enc_buf,
             sampler_buffers=self.smp_buf, rng=self.rng, num_tasks=n))
+
+        self.vector = cfg.rollouts == "vector"
+        # collection lanes: every task visit of an iteration side by side, each with its own
+        # rows of the visit buffer (the sampler buffer of that visit)
+        lanes = lanes_for(self.env, max(cfg.num_tasks_sample, 1))
+        self.venv = self.env.vector_env(lane_seeds(cfg.seed, lanes)) if self.vector else None
+        self.visit_buf = (TaskBuffers(cfg.num_tasks_sample, self.caps["sampler"], obs_dim, act_dim, **layout)
+                          if self.vector else None)
 
         eval_env = make_family(cfg.family, cfg.task_seed)
         self.evaluator = Evaluator(eval_env, self.agent, cfg, seed=cfg.seed + 100_003)
@@ -225,20 +266,25 @@ class Trainer:
         self.env_steps += steps
         return steps
 
-    def store(self, paths: list[Path], feeds_encoder: bool, relabel: bool = True) -> None:
-        """File a batch of collected paths: originals to the sampler buffer, then each path (or
-        transition) to the task the relabeler assigns."""
+    def store(self, paths: list[Path], feeds_encoder, relabel: bool = True, sampler: bool = True,
+              groups=None) -> None:
+        """File a batch of collected paths: originals to the sampler buffer (unless
+        ``sampler`` is False: the vector engine writes it per visit), then each path (or
+        transition) to the task the relabeler assigns.  ``feeds_encoder``: one flag for the
+        batch or one per path; ``groups``: see ``Relabeler.assign``."""
+        feeds = [feeds_encoder] * len(paths) if isinstance(feeds_encoder, bool) else list(feeds_encoder)
         for p in paths:
-            self.smp_buf.add_path(p.task, p, with_start=False)
+            if sampler:
+                self.smp_buf.add_path(p.task, p, with_start=False)
             self._collected.append((float(p.rewards.sum()), bool(p.success.any())))
         t0 = self._tic()
         if relabel:
-            assignments = self.relabeler.assign(paths)
+            assignments = self.relabeler.assign(paths) if groups is None else self.relabeler.assign(paths, groups)
         else:
             self.relabeler.observe(paths)
             assignments = [np.full(len(p), p.task, np.int64) for p in paths]
-        for p, a in zip(paths, assignments):
-            self._file(p, a, feeds_encoder)
+        for p, a, f in zip(paths, assignments, feeds):
+            self._file(p, a, f)
         self._add_time("relabel", t0)
 
     def relabeled_path(self, path: Path, task: int, truncate: bool = True) -> Path:
@@ -270,14 +316,81 @@ class Trainer:
             if feeds_encoder:
                 self.enc_buf.add(int(k), rows)
 
+    # ---- collection with the lockstep engine (rollouts = vector) ------------------------------------
+    def _visit_z(self, visits: list[Visit], kinds: list[str]) -> torch.Tensor:
+        """z for the visits starting a trajectory: one prior draw for all prior ones, one
+        sampler-buffer draw and one encoder call for all posterior ones."""
+        L = self.dims.latent
+        z = torch.empty(len(visits), L, device=self.device)
+        pri = [i for i, k in enumerate(kinds) if k == "prior"]
+        post = [i for i, k in enumerate(kinds) if k == "posterior"]
+        if pri:
+            z[pri] = self.agent.prior_z(len(pri))
+        if post:
+            rows = [visits[i].index for i in post]
+            batch = self.visit_buf.sample(rows, self.cfg.embedding_batch_size, self.rng,
+                                          keys=("obs", "actions", self.ctx_key, "next_obs"))
+            ctx = context_tensor(context_from(batch, self.ctx_key, self.cfg.use_next_obs_in_context), self.device)
+            with torch.no_grad():
+                z[post] = self.agent.sample_z(*self.agent.infer_posterior(ctx))
+        return z
+
+    def run_visits(self, visits: list[Visit], clear_sampler: bool) -> None:
+        """Collect ``visits`` side by side.  Each finished path goes to its visit's rows of the
+        visit buffer at once (posterior inference reads them); the paths finished in one step
+        are relabeled and filed as one batch; at the end each visit's paths replace its task's
+        sampler-buffer contents, in visit order (what visiting them one after another leaves)."""
+        cfg = self.cfg
+        for v in visits:
+            if v.index is not None:
+                self.visit_buf.clear(v.index)
+
+        def on_paths(done):
+            for v, p in done:
+                if v.index is not None:
+                    self.visit_buf.add_path(v.index, p, with_start=False)
+            # the batches completed in this step, filed together (one coin per batch)
+            for relabel in (True, False):
+                paths, feeds, groups = [], [], []
+                for v, _ in done:
+                    if v.relabel != relabel:
+                        continue
+                    for batch, f in v.ready:
+                        groups += [len(set(groups))] * len(batch)
+                        paths += batch
+                        feeds += [f] * len(batch)
+                    v.ready = []
+                if paths:
+                    self.store(paths, feeds, relabel=relabel, sampler=False, groups=groups)
+
+        steps = run_jobs(self.venv, self.agent, visits, cfg.max_path_length, self._visit_z, on_paths)
+        self.env_steps += steps
+        for v in visits:
+            if clear_sampler:
+                self.smp_buf.clear(v.task)
+            for p in v.paths:
+                self.smp_buf.add_path(v.task, p, with_start=False)
+
     def initial_collection(self) -> None:
-        for task in self.train_tasks:
-            self.collect(int(task), self.cfg.num_initial_steps, posterior=False, feeds_encoder=True, relabel=False)
+        if self.vector:
+            # prior trajectories only: nothing reads a visit buffer
+            self.run_visits([Visit(None, int(t), [(self.cfg.num_initial_steps, False, True)], relabel=False)
+                             for t in self.train_tasks], clear_sampler=False)
+        else:
+            for task in self.train_tasks:
+                self.collect(int(task), self.cfg.num_initial_steps, posterior=False, feeds_encoder=True, relabel=False)
         self.enc_buf.mark_all_for_clear()
         self.initial_done = True
 
     def collect_iteration(self) -> None:
         cfg = self.cfg
+        if self.vector:
+            tasks = self.rng.integers(self.num_tasks, size=cfg.num_tasks_sample)
+            phases = [(cfg.num_steps_prior, False, True), (cfg.num_steps_posterior, True, True),
+                      (cfg.num_extra_rl_steps_posterior, True, False)]
+            self.run_visits([Visit(i, int(t), phases) for i, t in enumerate(tasks)], clear_sampler=True)
+            self.enc_buf.mark_all_for_clear()
+            return
         for _ in range(cfg.num_tasks_sample):
             task = int(self.rng.integers(self.num_tasks))
             self.smp_buf.clear(task)
@@ -432,6 +545,9 @@ class Trainer:
         rng = {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
                "env": self.env.get_state(), "eval_env": self.evaluator.env.get_state(),
                "eval_torch": self.evaluator.generator.get_state()}
+        if self.venv is not None:  # the lanes' start-state generators (all trajectories are done)
+            rng["lanes"] = self.venv.get_state()
+            rng["eval_lanes"] = self.evaluator.venv.get_state()
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -455,6 +571,11 @@ class Trainer:
         self.env.set_state(ckpt.to_numpy(rng["env"]))
         self.evaluator.env.set_state(ckpt.to_numpy(rng["eval_env"]))
         self.evaluator.generator.set_state(rng["eval_torch"])
+        if self.venv is not None:
+            if "lanes" not in rng:
+                raise CheckpointError("checkpoint was written with rollouts=sequential; resume it with that setting")
+            self.venv.set_state(ckpt.to_numpy(rng["lanes"]))
+            self.evaluator.venv.set_state(ckpt.to_numpy(rng["eval_lanes"]))
         self.iteration = int(state["iteration"])
         self.env_steps = int(state["env_steps"])
         self.initial_done = bool(state["initial_done"])

@@ -99,6 +99,22 @@ class TaskFamily(gym.Env):
         dense = self.dense_reward(one, [self._task])
         return float(r[0, 0]), bool(d[0, 0]), bool(s[0, 0]), float(dense[0, 0])
 
+    def step_rewards(self, infos: Infos, tasks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Reward, terminal, success and dense reward ``[k]`` of k single steps, step i under
+        task ``tasks[i]`` (``infos`` rows are the steps).  Elementwise the same arithmetic as
+        ``_step_reward``: the diagonal of the batched functions over (task, step) pairs."""
+        tasks = task_index(tasks)
+        i = np.arange(len(tasks))
+        r, d, s = self.reward(infos, tasks)
+        dense = self.dense_reward(infos, tasks)
+        return r[i, i].astype(np.float64), d[i, i].astype(bool), s[i, i].astype(bool), dense[i, i].astype(np.float64)
+
+    def vector_env(self, seeds) -> "VectorEnv":
+        """Environments for ``len(seeds)`` lanes of the lockstep rollout engine, lane i's start
+        states seeded with ``seeds[i]``.  The default keeps one instance of the family per lane
+        (``EnvList``); families whose dynamics are arrays override this with a batched step."""
+        return EnvList(self, seeds)
+
     def get_state(self) -> dict[str, Any]:
         """Everything needed to continue the environment's RNG exactly (for checkpoints)."""
         return {"np_random": self.np_random.bit_generator.state, "task": self._task}
@@ -106,3 +122,69 @@ class TaskFamily(gym.Env):
     def set_state(self, state: dict[str, Any]) -> None:
         self.np_random.bit_generator.state = state["np_random"]
         self._task = state["task"]
+
+
+class VectorEnv:
+    """Lanes of one task family stepped together (``TaskFamily.vector_env``).
+
+    ``reset(lanes, tasks)`` starts a trajectory on each given lane under its task and returns
+    the observations ``[k, ...]``; ``step(lanes, actions)`` steps those lanes with actions in
+    the family's action box and returns ``next_obs [k, ...]``, ``rewards``, ``terminated``,
+    ``truncated`` ``[k]`` and ``info`` (a dict of ``[k, ...]`` arrays: the family's
+    ``info_spec`` quantities, ``success`` and ``dense_reward``).  Lane i draws its start
+    states from its own generator, seeded like ``reset(seed=seeds[i])`` of a single instance
+    (that first reset included), so a lane replays such an environment exactly."""
+
+    num_lanes: int
+
+    def reset(self, lanes: np.ndarray, tasks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, lanes: np.ndarray, actions: np.ndarray):
+        raise NotImplementedError
+
+    def get_state(self) -> list:
+        raise NotImplementedError
+
+    def set_state(self, state: list) -> None:
+        raise NotImplementedError
+
+
+class EnvList(VectorEnv):
+    """One instance of the family per lane (MuJoCo, Meta-World, images, plugins)."""
+
+    def __init__(self, family: TaskFamily, seeds):
+        cls = type(family)
+        self.envs = [cls(task_seed=family.task_seed) for _ in seeds]
+        for env, seed in zip(self.envs, seeds):
+            env.reset(seed=int(seed))
+        self.num_lanes = len(self.envs)
+        self.keys = tuple(family.info_spec)
+        self.action_space = family.action_space
+        self.image_obs = bool(getattr(family, "image_obs", False))
+
+    def reset(self, lanes, tasks):
+        out = []
+        for lane, task in zip(lanes, tasks):
+            env = self.envs[int(lane)]
+            env.set_task(int(task))
+            out.append(env.reset()[0])
+        return np.stack(out)
+
+    def step(self, lanes, actions):
+        rows = [self.envs[int(lane)].step(a) for lane, a in zip(lanes, actions)]
+        obs = np.stack([r[0] for r in rows])
+        rew = np.array([r[1] for r in rows], np.float64)
+        term = np.array([r[2] for r in rows], bool)
+        trunc = np.array([r[3] for r in rows], bool)
+        info = {k: np.stack([np.asarray(r[4][k]) for r in rows]) for k in self.keys}
+        info["success"] = np.array([r[4].get("success", False) for r in rows], bool)
+        info["dense_reward"] = np.array([r[4].get("dense_reward", r[1]) for r in rows], np.float64)
+        return obs, rew, term, trunc, info
+
+    def get_state(self):
+        return [env.get_state() for env in self.envs]
+
+    def set_state(self, state):
+        for env, st in zip(self.envs, state):
+            env.set_state(st)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from .base import Infos, TaskFamily, goal_distance, task_index
+from gymnasium.utils import seeding
+
+from .base import Infos, TaskFamily, VectorEnv, goal_distance, task_index
 
 SUCCESS_RADIUS = 0.2
 
@@ -25,12 +27,12 @@ class _PointFamily(TaskFamily):
         self.action_space = spaces.Box(-0.1, 0.1, (2,), np.float32)
         self._pos = np.zeros(2)
 
-    def _start(self) -> np.ndarray:
+    def _start(self, rng: np.random.Generator) -> np.ndarray:
         return np.zeros(2)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        self._pos = self._start()
+        self._pos = self._start(self.np_random)
         self._t = 0
         return self._pos.astype(np.float32), {}
 
@@ -55,6 +57,56 @@ class _PointFamily(TaskFamily):
 
     def _dist(self, infos: Infos, tasks) -> np.ndarray:
         return goal_distance(infos["pos"], self.tasks[task_index(tasks)])  # [K, T]
+
+    def vector_env(self, seeds) -> "PointVector":
+        return PointVector(self, seeds)
+
+
+class PointVector(VectorEnv):
+    """Lanes of a point family as arrays: positions ``[lanes, 2]``, one vectorized step and
+    one reward call for all stepped lanes (``step_rewards``), the same float64 arithmetic as
+    ``_PointFamily.step``."""
+
+    def __init__(self, family: _PointFamily, seeds):
+        self.family = family
+        self.num_lanes = len(seeds)
+        self.action_space = family.action_space
+        self.image_obs = False
+        self.rngs = [seeding.np_random(int(s))[0] for s in seeds]
+        self.pos = np.zeros((self.num_lanes, 2))
+        self.t = np.zeros(self.num_lanes, np.int64)
+        self.task = np.zeros(self.num_lanes, np.int64)
+        self.reset(np.arange(self.num_lanes), self.task)  # like each instance's reset(seed=...)
+
+    def reset(self, lanes, tasks):
+        for lane in lanes:
+            self.pos[lane] = self.family._start(self.rngs[lane])
+        self.t[lanes] = 0
+        self.task[lanes] = tasks
+        return self.pos[lanes].astype(np.float32)
+
+    def step(self, lanes, actions):
+        delta = np.clip(np.asarray(actions, np.float64), -0.1, 0.1)
+        pos = self.pos[lanes] + delta
+        self.pos[lanes] = pos
+        self.t[lanes] += 1
+        info = {"pos": pos}
+        r, term, success, dense = self.family.step_rewards(info, self.task[lanes])
+        info["success"] = success
+        info["dense_reward"] = dense
+        truncated = (self.t[lanes] >= self.family.horizon) & ~term
+        return pos.astype(np.float32), r, term, truncated, info
+
+    def get_state(self):
+        return [{"np_random": g.bit_generator.state, "pos": self.pos[i].copy(), "t": int(self.t[i]),
+                 "task": int(self.task[i])} for i, g in enumerate(self.rngs)]
+
+    def set_state(self, state):
+        for i, st in enumerate(state):
+            self.rngs[i].bit_generator.state = st["np_random"]
+            self.pos[i] = np.asarray(st["pos"], np.float64)
+            self.t[i] = int(st["t"])
+            self.task[i] = int(st["task"])
 
 
 class FourCorners(_PointFamily):
@@ -96,8 +148,8 @@ class PointRobot(_PointFamily):
     def make_tasks(self, rng):
         return rng.uniform(-1.0, 1.0, size=(self.num_train + self.num_eval, 2))
 
-    def _start(self):
-        return self.np_random.uniform(-1.0, 1.0, size=2)
+    def _start(self, rng):
+        return rng.uniform(-1.0, 1.0, size=2)
 
     def reward(self, infos, tasks):
         dist = self._dist(infos, tasks)

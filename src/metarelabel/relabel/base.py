@@ -1,6 +1,6 @@
 """The relabeling interface (SPEC section 4).
 
-After every batch of collected paths the trainer calls ``Relabeler.assign(paths)``; it returns,
+After every batch of collected paths the trainer calls ``Relabeler.assign(paths, groups)``; it returns,
 for each path, the task each transition is filed under (an int array of the path's length; a
 constant array for whole-path strategies).  The trainer then recomputes rewards, terminals and
 success under the assigned task from the stored per-step info and writes the path to that task's
@@ -116,14 +116,23 @@ class Relabeler:
         self.values.setdefault(key, []).append(np.asarray(value, np.float64).ravel())
 
     # ---- main entry ---------------------------------------------------------------------------
-    def assign(self, paths: list[Path]) -> list[np.ndarray]:
+    def assign(self, paths: list[Path], groups=None) -> list[np.ndarray]:
+        """Assignments of a batch of paths.  ``groups`` (one label per path; default: one
+        group) says which paths came from one sampler call: each group flips its own
+        keep-original coin (in order of first appearance), and ``choose`` sees every path of
+        the groups that were not kept, in one call."""
         if not paths:
             return []
-        keep = self.uses_keep_original and self.ctx.rng.random() < self.cfg.keep_original_prob
-        if keep:
-            out = [np.full(len(p), p.task, np.int64) for p in paths]
-        else:
-            out = [np.asarray(a, np.int64) for a in self.choose(paths)]
+        labels = [0] * len(paths) if groups is None else list(groups)
+        coins: dict = {}
+        for g in labels:
+            if g not in coins:
+                coins[g] = self.uses_keep_original and self.ctx.rng.random() < self.cfg.keep_original_prob
+        out = [np.full(len(p), p.task, np.int64) for p in paths]
+        todo = [i for i, g in enumerate(labels) if not coins[g]]
+        if todo:
+            for i, a in zip(todo, self.choose([paths[i] for i in todo])):
+                out[i] = np.asarray(a, np.int64)
         for p, a in zip(paths, out):
             if np.all(a == a[0]):
                 self.matrix[p.task, a[0]] += 1.0

@@ -60,9 +60,9 @@ class HIPI(Relabeler):
             self.cache_ptr = (self.cache_ptr + 1) % len(self.cache)
             self.cache_size = min(self.cache_size + 1, len(self.cache))
 
-    def assign(self, paths):
+    def assign(self, paths, groups=None):
         self._pending = self.returns(paths) if paths else None
-        out = super().assign(paths)
+        out = super().assign(paths, groups)
         if self._pending is not None:  # the batch joins the cache only after it was relabeled
             self._push(self._pending)
         return out
@@ -73,7 +73,7 @@ class HIPI(Relabeler):
             self._push(self.returns(paths))
 
     def choose(self, paths):
-        R = self._pending
+        R = self.returns(paths)  # the paths of this batch whose coin said relabel
         log_z = self.log_z()
         self._record("return", R)
         self._record("log_z", log_z)
