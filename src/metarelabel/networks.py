@@ -88,6 +88,19 @@ class TanhGaussianPolicy(nn.Module):
         self.log_std = nn.Linear(hidden, act_dim)
         _init_last_(self.log_std.weight, self.log_std.bias)
 
+    def act(self, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Actions only (no log-probability): ``tanh(mean)``, or ``tanh(mean + std * eps)``
+        with the same draw ``forward`` makes."""
+        h = x
+        for lin in self.net.hidden:  # the layers of ``trunk``, without the module-call overhead
+            h = torch.addmm(lin.bias, h, lin.weight.t()).relu_()
+        out = self.net.out
+        mean = torch.addmm(out.bias, h, out.weight.t())
+        if deterministic:
+            return mean.tanh_()
+        std = torch.addmm(self.log_std.bias, h, self.log_std.weight.t()).clamp_(LOG_STD_MIN, LOG_STD_MAX).exp_()
+        return torch.tanh(mean + std * torch.randn_like(mean))
+
     def forward(self, x: torch.Tensor, deterministic: bool = False, eps: torch.Tensor | None = None):
         """Action, log pi(action), mean, log_std.  Sampling is reparameterised; ``eps`` (standard
         normal noise of the action's shape) may be given to make the draw explicit."""

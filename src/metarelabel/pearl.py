@@ -302,8 +302,7 @@ class PEARL:
         call (one observation copy to the device and one action copy back)."""
         o = torch.as_tensor(obs, device=self.device)
         o = o.float().reshape(len(o), -1) if self.trunk is None else self.embed_obs(o)
-        action = self.policy(torch.cat([o, z], -1), deterministic)[0]
-        return action.cpu().numpy()
+        return self.policy.act(torch.cat([o, z], -1), deterministic).cpu().numpy()
 
     # ---- learner protocol for relabeling ------------------------------------------------
     @torch.no_grad()

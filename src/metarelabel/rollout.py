@@ -74,6 +74,7 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
     z = torch.zeros(n, agent.dims.latent, device=agent.device)
     obs = None
     rows: dict[str, np.ndarray] = {}  # field -> [lanes, H, ...]: the running trajectories
+    flat: dict[str, np.ndarray] = {}  # the same arrays as [lanes * H, ...] views
     total = 0
     while True:
         # lanes without a running trajectory: ask their job (or the next one) for one
@@ -109,12 +110,13 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
         step = {"obs": obs[active], "actions": actions, "rewards": rew, "dense_rewards": info["dense_reward"],
                 "terminals": term, "next_obs": next_obs, "success": info["success"]}
         step.update({"info:" + k: v for k, v in info.items() if k not in ("success", "dense_reward")})
-        ta = t[active]
+        at = active * H + t[active]  # rows of the flat [lanes * H, ...] views
         for k, v in step.items():
-            v = np.asarray(v)
             if k not in rows:
+                v = np.asarray(v)
                 rows[k] = np.zeros((n, H) + v.shape[1:], v.dtype)
-            rows[k][active, ta] = v
+                flat[k] = rows[k].reshape((n * H,) + v.shape[1:])
+            flat[k][at] = v
         obs[active] = next_obs
         t[active] += 1
         done = np.asarray(term, bool) | np.asarray(trunc, bool) | (t[active] >= H)
