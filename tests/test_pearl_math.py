@@ -410,3 +410,21 @@ def test_mlp_shapes_and_init():
         assert lin.weight.abs().max() <= bound
     assert m.out.weight.abs().max() <= 3e-3
     assert m(torch.randn(7, 5)).shape == (7, 4)
+
+
+def test_rlkit_init_bounds_by_output_width():
+    """``init = rlkit``: hidden weights within 1/sqrt(out) (the release's fanin_init on torch
+    Linear weights), biases 0.1, policy heads within 1e-3, target V a copy of V; ``pearl``
+    bounds the first layer by 1/sqrt(in), several times wider here."""
+    rl = make_agent(seed=0, hidden_dim=48, encoder_hidden_dim=40, init="rlkit")
+    pe = make_agent(seed=0, hidden_dim=48, encoder_hidden_dim=40)
+    for agent, bound in ((rl, 1 / math.sqrt(48)), (pe, 1 / math.sqrt(rl.vf.hidden[0].in_features))):
+        w = agent.vf.hidden[0].weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert rl.encoder.hidden[0].weight.abs().max() <= 1 / math.sqrt(40)
+    assert rl.qf.weights[0].abs().max() <= 1 / math.sqrt(48)
+    assert torch.all(rl.qf.biases[0] == 0.1) and torch.all(rl.policy.net.hidden[1].bias == 0.1)
+    for lin in (rl.policy.net.out, rl.policy.log_std):
+        assert lin.weight.abs().max() <= 1e-3 and lin.bias.abs().max() <= 1e-3
+    for a, b in zip(rl.vf.parameters(), rl.target_vf.parameters()):
+        assert torch.equal(a, b)

@@ -114,6 +114,11 @@ class Config:
     """L2 penalty on the policy mean."""
     policy_std_reg: float = _f(1e-3, lo=0.0)
     """L2 penalty on the policy log-std."""
+    init: str = _f("pearl", choices=("pearl", "rlkit"))
+    """Weight init of hidden layers: `pearl` bounds by the layer's input width, U(+-1/sqrt(in));
+    `rlkit` reproduces the release's fanin_init, which reads the output width of a torch
+    Linear (U(+-1/sqrt(out)); first layers start several times smaller), with the policy's
+    mean and log-std heads at U(+-1e-3)."""
     replay_buffer_size: int = _f(1_000_000, lo=1)
     """Capacity of each task's RL buffer (capped to what the run can ever collect)."""
     # ---- relabeling ----------------------------------------------------------------

@@ -210,6 +210,27 @@ class FlatAdam:
                            amsgrad=False, maximize=False, **self.hyper)
 
 
+@torch.no_grad()
+def rlkit_init_(agent) -> None:
+    """Re-initialise the hidden layers as the release's ``fanin_init`` does: the bound is
+    1/sqrt(weight.size(0)), which for a torch Linear is its *output* width; biases 0.1; the
+    policy's mean and log-std heads U(+-1e-3).  Output layers of Q, V and the encoder keep
+    U(+-3e-3).  The target V becomes a copy of V again."""
+    for mlp in (agent.encoder, agent.vf, agent.policy.net):
+        for lin in mlp.hidden:
+            b = 1.0 / math.sqrt(lin.out_features)
+            lin.weight.uniform_(-b, b)
+            lin.bias.fill_(0.1)
+    for w, bias in list(zip(agent.qf.weights, agent.qf.biases))[:-1]:  # [heads, in, out]
+        b = 1.0 / math.sqrt(w.shape[2])
+        w.uniform_(-b, b)
+        bias.fill_(0.1)
+    for lin in (agent.policy.net.out, agent.policy.log_std):
+        lin.weight.uniform_(-1e-3, 1e-3)
+        lin.bias.uniform_(-1e-3, 1e-3)
+    agent.target_vf.load_state_dict(agent.vf.state_dict())
+
+
 class PEARL:
     """Networks, optimizers and the gradient step.  Also implements the learner protocol
     relabeling strategies use: ``infer_posterior``, ``sample_z``, ``start_state_value`` and
@@ -227,6 +248,8 @@ class PEARL:
         for p in self.target_vf.parameters():
             p.requires_grad_(False)
         self.policy = TanhGaussianPolicy(o + L, a, h, nl).to(device)
+        if getattr(cfg, "init", "pearl") == "rlkit":
+            rlkit_init_(self)
         # fused Adam: one kernel per parameter group instead of a Python loop per tensor
         adam = dict(lr=cfg.lr, fused=True)
         self.optimizers = {
