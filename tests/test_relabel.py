@@ -864,8 +864,10 @@ def test_cli_smoke(tmp_path, family, relabel):
     assert [r["iteration"] for r in progress] == ["1", "2"]
     fracs = [float(r["relabel/fraction_relabeled"]) for r in progress]
     assert all(0.0 <= f <= 1.0 for f in fracs)
+    moved = [float(r["relabel/moved_success_rate"]) for r in progress]
+    assert all(math.isnan(m) or 0.0 <= m <= 1.0 for m in moved)
     if relabel == "none":
-        assert fracs == [0.0, 0.0]
+        assert fracs == [0.0, 0.0] and all(math.isnan(m) for m in moved)
         assert all(r["original"] == r["assigned"] for r in matrix)
     if relabel == "random":
         assert min(fracs) > 0.0

@@ -295,3 +295,47 @@ def test_posterior_z_comes_from_the_visits_own_paths(tmp_path):
                                       np.concatenate([p.actions for p in v.paths]))
     # the task's sampler buffer ends with the second visit's paths only
     assert tr.smp_buf.size[1] == sum(len(p) for p in visits[1].paths)
+
+
+def test_evaluation_diagnostics_count_goals_and_separate_posteriors():
+    """explore_goals_reached counts the evaluated tasks whose success condition some
+    exploration trajectory met; posterior_separation is the tasks' mean pairwise posterior-mean
+    distance over the mean posterior std (checked by hand on the evaluator's own pairs)."""
+    from metarelabel.buffers import Path
+    from metarelabel.evaluation import Pair
+
+    cfg = small_config("four-corners", eval_steps=100, exploration_trajectories=2, eval_runs=1)
+    fam = make_family("four-corners")
+    agent = make_agent(seed=5, hidden_dim=32, encoder_hidden_dim=24)
+    ev = Evaluator(fam, agent, cfg, seed=0)
+
+    def path(task, pos):
+        pos = np.asarray(pos, np.float64)
+        r, d, s = fam.reward({"pos": pos}, [task])
+        o = np.asarray(pos, np.float32)
+        return Path(obs=o, actions=np.zeros_like(o), rewards=r[0], dense_rewards=r[0], terminals=d[0], next_obs=o,
+                    success=s[0], infos={"pos": pos}, task=task)
+
+    pairs = [Pair(t, cfg) for t in range(4)]
+    pairs[0].take(path(0, [[0.1, 0.1], [0.9, 0.95]]))   # reaches task 1's goal (1, 1)
+    pairs[0].take(path(0, [[-0.5, -0.5], [-0.95, -1.0]]))  # reaches its own goal (-1, -1)
+    pairs[1].take(path(1, [[0.0, 0.1]]))
+    pairs[1].take(path(1, [[0.9, 0.9]]))  # goal 1 again: counted once
+    pairs[2].take(path(2, [[0.0, 0.0]]))
+    pairs[2].take(path(2, [[0.0, 0.0]]))
+    pairs[2].take(path(2, [[1.0, -1.0]]))  # third trajectory: not exploration
+    pairs[3].take(path(3, [[0.3, 0.3]]))
+    pairs[3].take(path(3, [[0.3, 0.4]]))
+    out = ev.diagnostics(pairs, "m")
+    assert out["m/explore_goals_reached"] == 2.0
+    mus, sds = [], []
+    for p in pairs:
+        ctx = torch.as_tensor(np.concatenate(p.contexts)[None])
+        with torch.no_grad():
+            m, v = agent.infer_posterior(ctx)
+        mus.append(m[0])
+        sds.append(v[0].sqrt())
+    mus, std = torch.stack(mus), float(torch.stack(sds).mean())
+    d = [float((mus[i] - mus[j]).norm()) for i in range(4) for j in range(4) if i != j]
+    np.testing.assert_allclose(out["m/posterior_std"], std, rtol=1e-5)
+    np.testing.assert_allclose(out["m/posterior_separation"], np.mean(d) / std, rtol=1e-4)

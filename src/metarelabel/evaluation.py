@@ -40,6 +40,7 @@ class Pair(Job):
     def __init__(self, task: int, cfg):
         self.task, self.cfg = int(task), cfg
         self.contexts, self.returns, self.successes, self.steps = [], [], [], 0
+        self.exploration_infos: list[dict] = []
 
     def want(self):
         if self.steps >= self.cfg.eval_steps:
@@ -48,6 +49,8 @@ class Pair(Job):
 
     def take(self, path) -> None:
         cfg = self.cfg
+        if len(self.returns) < cfg.exploration_trajectories:
+            self.exploration_infos.append(path.infos)
         self.contexts.append(path_context(path, getattr(path, cfg.context_reward_key), cfg.use_next_obs_in_context))
         self.returns.append(float(path.rewards.sum()))
         self.successes.append(bool(path.success.any()))
@@ -127,11 +130,47 @@ class Evaluator:
         return [self.run_task(int(t)) for t in tasks for _ in range(self.cfg.eval_runs)]
 
 
+    def diagnostics(self, pairs: list[Pair], prefix: str) -> dict[str, float]:
+        """Why adaptation works or not: how many of the evaluated tasks' goals the exploration
+        trajectories reach (any of them, under any evaluated task's success condition), and how
+        well the posteriors from each run's whole context separate the tasks (mean pairwise
+        distance of the tasks' mean posterior means over the mean posterior std)."""
+        tasks = sorted({p.task for p in pairs})
+        infos = [i for p in pairs for i in p.exploration_infos]
+        reached = 0
+        if infos:
+            cat = {k: np.concatenate([i[k] for i in infos], 0) for k in infos[0]}
+            reached = int(self.env.reward(cat, tasks)[2].any(axis=1).sum())
+        out = {f"{prefix}/explore_goals_reached": float(reached)}
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(pairs):
+            by_len.setdefault(sum(len(c) if not isinstance(c, dict) else len(c["actions"]) for c in p.contexts),
+                              []).append(i)
+        L, dev = self.agent.dims.latent, self.agent.device
+        mu, sd = torch.zeros(len(pairs), L), torch.zeros(len(pairs), L)
+        for group in by_len.values():
+            ctx = [stack_contexts(pairs[i].contexts) for i in group]
+            ctx = ({k: np.concatenate([c[k] for c in ctx], 0) for k in ctx[0]} if isinstance(ctx[0], dict)
+                   else np.concatenate(ctx, 0))
+            with torch.no_grad():
+                m, v = self.agent.infer_posterior(context_tensor(ctx, dev))
+            mu[group], sd[group] = m.cpu().float(), v.cpu().float().sqrt()
+        labels = np.array([p.task for p in pairs])
+        means = torch.stack([mu[torch.as_tensor(labels == t)].mean(0) for t in tasks])
+        std = float(sd.mean())
+        out[f"{prefix}/posterior_std"] = std
+        if len(tasks) > 1:
+            dist = torch.cdist(means[None], means[None])[0]
+            mean_dist = float(dist.sum() / (len(tasks) * (len(tasks) - 1)))
+            out[f"{prefix}/posterior_separation"] = mean_dist / std if std > 0 else math.nan  # no bottleneck: no std
+        return out
+
     def evaluate(self, tasks, prefix: str) -> dict[str, float]:
         cfg = self.cfg
         finals, final_success, any_success, n_traj = [], [], [], []
         by_k = [[] for _ in range(self.num_k)]
-        for pair in self.runs(tasks):
+        pairs = self.runs(tasks)
+        for pair in pairs:
             returns, successes = pair.returns, pair.successes
             finals.append(returns[-1])
             final_success.append(successes[-1])
@@ -142,6 +181,7 @@ class Evaluator:
                 by_k[k].append(r)
         out = {
             f"{prefix}/return": float(np.mean(finals)),
+            **self.diagnostics(pairs, prefix),
             f"{prefix}/success_rate": float(np.mean(any_success)),
             f"{prefix}/final_success_rate": float(np.mean(final_success)),
             f"{prefix}/num_trajectories": float(np.mean(n_traj)),

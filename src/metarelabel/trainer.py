@@ -164,6 +164,7 @@ class Trainer:
         self._tensorboard = tensorboard
         self._timers: dict[str, float] = {}
         self._collected: list[tuple[float, bool]] = []  # (return, success) of this iteration's paths
+        self._moved: list[bool] = []  # success under the new task of this iteration's relabeled paths
 
     # ---- setup / output -------------------------------------------------------------------------
     def _setup_device_buffers(self) -> None:
@@ -304,6 +305,8 @@ class Trainer:
         if np.all(assigned == assigned[0]):
             k = int(assigned[0])
             q = path if k == path.task else self.relabeled_path(path, k)
+            if k != path.task:
+                self._moved.append(bool(q.success.any()))
             self.rl_buf.add_path(k, q, with_start=True)
             if feeds_encoder:
                 self.enc_buf.add_path(k, q, with_start=False)
@@ -440,6 +443,7 @@ class Trainer:
         it = self.iteration + 1
         self._timers = {}
         self._collected = []
+        self._moved = []
         t_start = self._tic()
         t0 = self._tic()
         self.collect_iteration()
@@ -457,6 +461,7 @@ class Trainer:
             ret, succ = np.asarray(self._collected).T
             row.update({"collect/return": float(ret.mean()), "collect/success_rate": float(succ.mean())})
         row.update(self.relabeler.diagnostics())
+        row["relabel/moved_success_rate"] = float(np.mean(self._moved)) if self._moved else math.nan
         self._write_matrix(it)
         t0 = self._tic()
         if it % cfg.eval_every == 0 or it == cfg.num_iterations:
