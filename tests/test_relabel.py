@@ -225,7 +225,7 @@ def reference_utility(tr, path, task, z_eps_row, starts_k, value_eps_row, trunca
     r, d, _ = fam.reward(path.infos, [task])
     if cfg.context_reward == "dense":
         r = fam.dense_reward(path.infos, [task])
-    T = first_terminal_len(d[0]) if truncate else len(path)
+    T = first_terminal_len(d[0]) if truncate and cfg.relabel_truncate else len(path)
     parts = [path.obs[:T], path.actions[:T], r[0][:T, None]]
     if cfg.use_next_obs_in_context:
         parts.append(path.next_obs[:T])
@@ -252,6 +252,7 @@ def collected_paths(tr, tasks):
 
 @pytest.mark.parametrize("family,overrides,max_rows", [
     ("four-corners", {}, None),
+    ("four-corners", {"relabel_truncate": False}, None),  # the release's whole-path contexts
     ("four-corners", {"use_next_obs_in_context": True, "utility_batch_size": 16}, 16 * 5),  # chunked
     ("four-corners", {"use_information_bottleneck": False, "utility_batch_size": 16}, None),
     ("sparse-point-robot", {"context_reward": "dense", "utility_batch_size": 16}, None),
@@ -292,7 +293,7 @@ def test_hfr_batched_utilities_equal_per_task_loop(tmp_path, monkeypatch, family
                      for k in range(N)] for i, p in enumerate(paths)])
     np.testing.assert_allclose(U, ref, rtol=1e-5, atol=1e-5)
     assert U.std() > 1e-2  # the comparison is not between near-constant numbers
-    if family == "four-corners":  # ... and it would see a missing cut after the first terminal
+    if family == "four-corners" and cfg.relabel_truncate:  # ... and it would see a missing cut
         full = reference_utility(tr, paths[-1], 1, z_eps[(P - 1) * N + 1], starts[1], value_eps[(P - 1) * N + 1],
                                  truncate=False)
         assert abs(full - U[-1, 1]) > 1e-4  # 10x the tolerance

@@ -339,3 +339,24 @@ def test_evaluation_diagnostics_count_goals_and_separate_posteriors():
     d = [float((mus[i] - mus[j]).norm()) for i in range(4) for j in range(4) if i != j]
     np.testing.assert_allclose(out["m/posterior_std"], std, rtol=1e-5)
     np.testing.assert_allclose(out["m/posterior_separation"], np.mean(d) / std, rtol=1e-4)
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_relabeled_path_filing_truncates_only_when_asked(tmp_path, truncate):
+    """A four-corners path that enters task 1's goal disc at step 2 and stays: filed under task 1
+    it ends at step 2 (``relabel_truncate``) or keeps all 4 steps with every reward and terminal
+    recomputed (the release)."""
+    from metarelabel.buffers import Path
+
+    tr = _trainer(tmp_path, relabel_truncate=truncate)
+    pos = np.array([[0.3, 0.3], [0.9, 0.9], [0.95, 0.95], [1.0, 0.9]])
+    r, d, s = tr.env.reward({"pos": pos}, [2])
+    o = pos.astype(np.float32)
+    p = Path(obs=o, actions=np.zeros_like(o), rewards=r[0], dense_rewards=r[0], terminals=d[0], next_obs=o,
+             success=s[0], infos={"pos": pos}, task=2)
+    size = tr.rl_buf.size[1]
+    tr._file(p, np.full(4, 1), feeds_encoder=False)
+    n = tr.rl_buf.size[1] - size
+    assert n == (2 if truncate else 4)
+    np.testing.assert_array_equal(tr.rl_buf.data["terminals"][1, size:size + n, 0], [0, 1] if truncate else [0, 1, 1, 1])
+    np.testing.assert_array_equal(tr.rl_buf.data["rewards"][1, size:size + n, 0], [-3, 0] if truncate else [-3, 0, 0, 0])

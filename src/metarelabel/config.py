@@ -126,6 +126,10 @@ class Config:
     """Relabeling strategy."""
     keep_original_prob: float = _f(0.5, lo=0.0, hi=1.0)
     """Per batch of collected paths: probability that they stay with their task unchanged."""
+    relabel_truncate: bool = True
+    """Cut a path filed under another task at its first terminal under that task (and mask HFR's
+    hindsight context there).  False keeps the whole path with every step's reward and terminal
+    recomputed, as the original release does."""
     hardmax: bool = False
     """Assign the argmax task instead of sampling from q(psi | tau)."""
     utility_batch_size: int = _f(1024, lo=1)

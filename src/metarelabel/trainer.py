@@ -304,7 +304,7 @@ class Trainer:
     def _file(self, path: Path, assigned: np.ndarray, feeds_encoder: bool) -> None:
         if np.all(assigned == assigned[0]):
             k = int(assigned[0])
-            q = path if k == path.task else self.relabeled_path(path, k)
+            q = path if k == path.task else self.relabeled_path(path, k, truncate=self.cfg.relabel_truncate)
             if k != path.task:
                 self._moved.append(bool(q.success.any()))
             self.rl_buf.add_path(k, q, with_start=True)

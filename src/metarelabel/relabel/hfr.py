@@ -123,7 +123,8 @@ class ForesightRelabeler(Relabeler):
             T = lengths[i]
             r, d = rew[:, start:start + T], term[:, start:start + T]
             start += T
-            mask[i, :, :T] = until_first_terminal(d)  # the part filed under each task
+            # the part filed under each task
+            mask[i, :, :T] = until_first_terminal(d) if self.cfg.relabel_truncate else 1.0
             # observations (image features: embedded once per path) are shared by every task's context
             ctx[i, :, :T, :F] = learner.embed_obs(torch.as_tensor(p.obs, device=dev))
             ctx[i, :, :T, F:F + A] = torch.as_tensor(p.actions, device=dev)
