@@ -90,21 +90,27 @@ class Reference:
                 "losses/policy": policy_loss.detach(), "losses/kl": kl.detach()}
 
 
+def _compare_steps(step_got, step_want, obs: int, act: int, steps: int, same_keys: bool = False) -> None:
+    """Run two step functions on the same batches and noise; the losses must agree."""
+    gen = torch.Generator().manual_seed(11)
+    for step in range(steps):
+        batch = random_batch(gen, 3, 17, obs, act)
+        context = torch.randn(3, 9, obs + act + 1, generator=gen)
+        torch.manual_seed(100 + step)
+        got = step_got(batch, context)
+        torch.manual_seed(100 + step)
+        want = step_want(batch, context)
+        assert not same_keys or got.keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"step {step}: {k}")
+
+
 @pytest.mark.parametrize("obs,act", [(2, 2), (20, 6)])
 def test_optimized_step_equals_plain_reference(obs, act):
     agent = make_agent(seed=3, obs=obs, act=act, hidden_dim=48, encoder_hidden_dim=40, kl_lambda=0.7,
                        reward_scale=5.0, lr=1e-3)
     ref = Reference(agent)
-    gen = torch.Generator().manual_seed(11)
-    for step in range(4):
-        batch = random_batch(gen, 3, 17, obs, act)
-        context = torch.randn(3, 9, obs + act + 1, generator=gen)
-        torch.manual_seed(100 + step)
-        got = agent.update(batch, context)
-        torch.manual_seed(100 + step)
-        want = ref.step(batch, context)
-        for k, v in want.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"step {step}: {k}")
+    _compare_steps(agent.update, ref.step, obs, act, 4)
     q1, q2 = _split_twin(agent)
     pairs = [(agent.encoder, ref.encoder), (agent.policy, ref.policy), (agent.vf, ref.vf),
              (agent.target_vf, ref.target_vf), (q1, ref.q1), (q2, ref.q2)]
@@ -125,17 +131,7 @@ def _lean_vs_reference(ib: bool, obs: int, act: int, steps: int = 5, **over):
               lr=1e-3, use_information_bottleneck=ib, **over)
     lean, ref = make_agent(grad_step="lean", **kw), make_agent(grad_step="reference", **kw)
     assert lean.lean and not ref.lean
-    gen = torch.Generator().manual_seed(11)
-    for step in range(steps):
-        batch = random_batch(gen, 3, 17, obs, act)
-        context = torch.randn(3, 9, obs + act + 1, generator=gen)
-        torch.manual_seed(100 + step)
-        got = lean.update(batch, context)
-        torch.manual_seed(100 + step)
-        want = ref.update(batch, context)
-        assert got.keys() == want.keys()
-        for k, v in want.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"step {step}: {k}")
+    _compare_steps(lean.update, ref.update, obs, act, steps, same_keys=True)
     return lean, ref
 
 

@@ -78,20 +78,29 @@ class Evaluator:
         if pri:
             z[pri] = (torch.randn(len(pri), L, generator=self.generator, device=dev)
                       if self.cfg.use_information_bottleneck else torch.zeros(len(pri), L, device=dev))
+        post = [i for i, k in enumerate(kinds) if k == "posterior"]
+        if post:
+            mu, var = self._posteriors([pairs[i] for i in post])
+            if self.cfg.use_information_bottleneck:
+                mu = mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=dev)
+            z[post] = mu
+        return z
+
+    def _posteriors(self, pairs: list[Pair]):
+        """Posterior (mu, var) ``[k, L]`` of each pair from all of its context, one encoder call
+        per total context length (pairs of equal length stack without padding)."""
+        L, dev = self.agent.dims.latent, self.agent.device
+        mu, var = torch.empty(len(pairs), L, device=dev), torch.empty(len(pairs), L, device=dev)
         by_len: dict[int, list[int]] = {}
-        for i, k in enumerate(kinds):
-            if k == "posterior":
-                by_len.setdefault(pairs[i].steps, []).append(i)
+        for i, p in enumerate(pairs):
+            by_len.setdefault(p.steps, []).append(i)
         for group in by_len.values():
             ctx = [stack_contexts(pairs[i].contexts) for i in group]
             ctx = ({k: np.concatenate([c[k] for c in ctx], 0) for k in ctx[0]} if isinstance(ctx[0], dict)
                    else np.concatenate(ctx, 0))
             with torch.no_grad():
-                mu, var = self.agent.infer_posterior(context_tensor(ctx, dev))
-            if self.cfg.use_information_bottleneck:
-                mu = mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=dev)
-            z[group] = mu
-        return z
+                mu[group], var[group] = self.agent.infer_posterior(context_tensor(ctx, dev))
+        return mu, var
 
     def run_pairs(self, tasks) -> list[Pair]:
         """Every (task, run) pair of the protocol on ``tasks``, task-major, run side by side."""
@@ -142,19 +151,8 @@ class Evaluator:
             cat = {k: np.concatenate([i[k] for i in infos], 0) for k in infos[0]}
             reached = int(self.env.reward(cat, tasks)[2].any(axis=1).sum())
         out = {f"{prefix}/explore_goals_reached": float(reached)}
-        by_len: dict[int, list[int]] = {}
-        for i, p in enumerate(pairs):
-            by_len.setdefault(sum(len(c) if not isinstance(c, dict) else len(c["actions"]) for c in p.contexts),
-                              []).append(i)
-        L, dev = self.agent.dims.latent, self.agent.device
-        mu, sd = torch.zeros(len(pairs), L), torch.zeros(len(pairs), L)
-        for group in by_len.values():
-            ctx = [stack_contexts(pairs[i].contexts) for i in group]
-            ctx = ({k: np.concatenate([c[k] for c in ctx], 0) for k in ctx[0]} if isinstance(ctx[0], dict)
-                   else np.concatenate(ctx, 0))
-            with torch.no_grad():
-                m, v = self.agent.infer_posterior(context_tensor(ctx, dev))
-            mu[group], sd[group] = m.cpu().float(), v.cpu().float().sqrt()
+        mu, var = (t.cpu().float() for t in self._posteriors(pairs))
+        sd = var.sqrt()
         labels = np.array([p.task for p in pairs])
         means = torch.stack([mu[torch.as_tensor(labels == t)].mean(0) for t in tasks])
         std = float(sd.mean())
