@@ -78,3 +78,21 @@ def test_evaluation_moves_one_context_per_posterior_trajectory(counted):
     # every env step: one observation in, one action out; each posterior trajectory: one context in
     assert counted == {"to_device": len(steps) + posterior_trajectories, "to_host": len(steps), "item": 0}
     assert np.isfinite(returns).all()
+
+
+def test_vector_evaluation_moves_one_batch_per_lockstep_step(counted):
+    """The lockstep engine: per step one observation batch in and one action batch out for all
+    lanes; per batch of posterior inferences one context in."""
+    cfg = small_config(eval_steps=100, exploration_trajectories=2, eval_runs=2)
+    env = make_family("four-corners")
+    agent = make_agent()
+    ev = Evaluator(env, agent, cfg, seed=0)
+    steps, posteriors = [], []
+    vstep, infer = ev.venv.step, agent.infer_posterior
+    ev.venv.step = lambda lanes, actions: steps.append(len(lanes)) or vstep(lanes, actions)
+    agent.infer_posterior = lambda ctx, mask=None: posteriors.append(1) or infer(ctx, mask)
+    counted.update(to_device=0, to_host=0, item=0)
+    pairs = ev.run_pairs([0, 1, 2, 3])
+    assert len(pairs) == 8 and sum(steps) == sum(p.steps for p in pairs) and max(steps) == 8
+    assert len(steps) < sum(steps) / 4  # lanes really ran side by side
+    assert counted == {"to_device": len(steps) + len(posteriors), "to_host": len(steps), "item": 0}
