@@ -190,12 +190,14 @@ class Trainer:
         self._mirror_bytes = need
 
     def memory_estimate(self) -> str:
-        bufs = (self.rl_buf, self.enc_buf, self.smp_buf)
+        bufs = (self.rl_buf, self.enc_buf, self.smp_buf) + ((self.visit_buf,) if self.visit_buf is not None else ())
         reserved = sum(b.nbytes for b in bufs)
         kind = (f"uint8 images {'x'.join(map(str, self.dims.obs_shape))} + float32" if self.dims.image
                 else "float32")
         return (f"buffers: {self.num_tasks} tasks x (RL {self.caps['rl']:,} + encoder {self.caps['encoder']:,} + "
-                f"sampler {self.caps['sampler']:,}) transitions, {kind}: {_fmt_bytes(reserved)} reserved "
+                f"sampler {self.caps['sampler']:,}) transitions"
+                + (f" + {self.visit_buf.num_tasks} visits x {self.caps['sampler']:,}" if self.visit_buf is not None else "")
+                + f", {kind}: {_fmt_bytes(reserved)} reserved "
                 f"(committed as data arrives)"
                 + (f"; device mirror on {self.device}: up to {_fmt_bytes(self._mirror_bytes)}" if self.rl_mirror else ""))
 
