@@ -18,6 +18,30 @@ from .envs.base import TaskFamily
 from .errors import ConfigError
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> None:
+    """Keep freed activation-sized blocks in the process instead of returning them to the OS
+    after every use (glibc only; once per process): glibc serves blocks over 128 KiB with mmap
+    and unmaps them on free, so every gradient step page-faults its 128-512 KiB activations in
+    anew.  Blocks up to 16 MiB now come from the heap, which is trimmed past 128 MiB of free
+    top memory.  Measured on this project's CPU: the lean step about 20% faster, the reference
+    step about 8%."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: keep the platform's allocator as it is
+        pass
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` or ``auto`` as a torch device (a clear error without CUDA)."""
     if name == "auto":

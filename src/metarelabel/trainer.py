@@ -33,7 +33,7 @@ from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, make_dims
 from .relabel import RelabelContext, make_relabeler
 from .rollout import Job, lane_seeds, lanes_for, run_jobs
-from .sampler import context_from, context_tensor, resolve_device, rollout
+from .sampler import context_from, context_tensor, resolve_device, rollout, tune_allocator
 
 __all__ = ["Trainer", "load_trainer", "prepare_run_dir", "resolve_device"]
 
@@ -112,6 +112,7 @@ class Trainer:
         self.run_dir = FsPath(run_dir)
         torch.set_num_threads(cfg.torch_threads)
         self.device = resolve_device(cfg.device)
+        tune_allocator()
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
 
