@@ -208,3 +208,25 @@ def test_load_config_json(tmp_path):
         load_config_json(p)
     with pytest.raises(ConfigError):
         load_config_json(tmp_path / "missing.json")
+
+
+def test_new_fields_legacy_defaults_and_lean_on_images(tmp_path):
+    """A config.json written before ``rollouts`` / ``grad_step`` existed loads with the
+    one-at-a-time rollouts and the autograd step (the run continues as it was made); new
+    configs default to the fast paths; the lean step is refused for image families."""
+    import json
+
+    from metarelabel.config import load_config_json
+
+    cfg = make_config("four-corners", "quick")
+    assert (cfg.rollouts, cfg.grad_step, cfg.init, cfg.relabel_truncate) == ("vector", "auto", "pearl", True)
+    old = cfg.to_dict()
+    del old["rollouts"], old["grad_step"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = load_config_json(tmp_path / "config.json")
+    assert (loaded.rollouts, loaded.grad_step) == ("sequential", "reference")
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert load_config_json(tmp_path / "config.json") == cfg
+    pytest.importorskip("mujoco")
+    with pytest.raises(ConfigError, match="grad_step: lean supports vector observations only"):
+        make_config("visual-reacher", "quick", {"grad_step": "lean"})

@@ -194,6 +194,9 @@ class Config:
             raise ConfigError(
                 f"embedding_batch_size: {self.embedding_batch_size} exceeds what the encoder/sampler buffers can hold "
                 f"({hold} transitions with these collection settings)")
+        if self.grad_step == "lean" and getattr(fam, "image_obs", False):
+            raise ConfigError(f"grad_step: lean supports vector observations only; {self.family} has images "
+                              "(use auto or reference)")
         if self.learned_reward and self.relabel not in ("hfr", "hfr-bellman"):
             raise ConfigError(f"learned_reward: only hfr and hfr-bellman build relabeling contexts (relabel={self.relabel})")
 
