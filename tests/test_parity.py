@@ -205,3 +205,18 @@ def test_lean_and_reference_steps_share_state_and_checkpoints():
         agent.update(batch, context)
     for a, b in zip(_all_params(lean), _all_params(fresh)):
         assert torch.equal(a, b)
+
+
+def test_lean_step_equals_reference_with_the_release_squash():
+    """``squash_log_prob = rlkit``: log(1 - tanh(u)^2 + 1e-6) in both steps; the lean step's
+    derivative of it matches autograd's, and the term is the release's formula."""
+    _lean_vs_reference(True, 2, 2, squash_log_prob="rlkit")
+    agent = make_agent(seed=1, squash_log_prob="rlkit")
+    assert agent.policy.squash == "rlkit"
+    x = torch.randn(64, agent.dims.obs + agent.dims.latent, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    a, logp, mean, log_std = agent.policy(x)
+    torch.manual_seed(5)
+    u = mean + log_std.exp() * torch.randn_like(mean)
+    want = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1)
+    torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-4)

@@ -119,6 +119,10 @@ class Config:
     `rlkit` reproduces the release's fanin_init, which reads the output width of a torch
     Linear (U(+-1/sqrt(out)); first layers start several times smaller), with the policy's
     mean and log-std heads at U(+-1e-3)."""
+    squash_log_prob: str = _f("exact", choices=("exact", "rlkit"))
+    """log(1 - tanh(u)^2) in the policy's log-density: `exact` (the stable closed form) or
+    `rlkit` (log(1 - tanh(u)^2 + 1e-6), as the release computes it: saturated actions cost at
+    most ~13.8 nats per dimension)."""
     replay_buffer_size: int = _f(1_000_000, lo=1)
     """Capacity of each task's RL buffer (capped to what the run can ever collect)."""
     # ---- relabeling ----------------------------------------------------------------

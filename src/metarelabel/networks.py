@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+SQUASH_EPS = 1e-6
 _LOG2 = math.log(2.0)
 
 
@@ -85,6 +86,8 @@ class TanhGaussianPolicy(nn.Module):
     def __init__(self, in_dim: int, act_dim: int, hidden: int, layers: int):
         super().__init__()
         self.net = MLP(in_dim, hidden, layers, act_dim)  # .out is the mean head
+        #: log-density of the tanh squash: "exact" (stable closed form) or "rlkit" (+1e-6)
+        self.squash = "exact"
         self.log_std = nn.Linear(hidden, act_dim)
         _init_last_(self.log_std.weight, self.log_std.bias)
 
@@ -113,8 +116,12 @@ class TanhGaussianPolicy(nn.Module):
         u = mean + std * (torch.randn_like(mean) if eps is None else eps)
         # log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable form
         log_prob = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
-        return torch.tanh(u), log_prob, mean, log_std
+        a = torch.tanh(u)
+        if self.squash == "rlkit":  # the release: log(1 - tanh(u)^2 + 1e-6), capped near -13.8
+            log_prob = log_prob - torch.log(1.0 - a * a + SQUASH_EPS).sum(-1)
+        else:
+            log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        return a, log_prob, mean, log_std
 
 
 class ContextEncoder(MLP):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .networks import (_LOG2, FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, ContextEncoder, ConvTrunk,
+from .networks import (_LOG2, FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, SQUASH_EPS, ContextEncoder, ConvTrunk,
                        TanhGaussianPolicy, TwinQ)
 
 VAR_MIN = 1e-7
@@ -248,6 +248,7 @@ class PEARL:
         for p in self.target_vf.parameters():
             p.requires_grad_(False)
         self.policy = TanhGaussianPolicy(o + L, a, h, nl).to(device)
+        self.policy.squash = getattr(cfg, "squash_log_prob", "exact")
         if getattr(cfg, "init", "pearl") == "rlkit":
             rlkit_init_(self)
         # fused Adam: one kernel per parameter group instead of a Python loop per tensor
@@ -526,7 +527,11 @@ class PEARL:
         u = pmean + std * eps_a
         new_act = torch.tanh(u)
         log_pi = (-0.5 * ((u - pmean) / std) ** 2 - plog_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_pi = log_pi - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        if pol.squash == "rlkit":
+            sq = 1.0 - new_act * new_act + SQUASH_EPS
+            log_pi = log_pi - torch.log(sq).sum(-1)
+        else:
+            log_pi = log_pi - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
         v_out, v_hs = _mlp_forward(self.vf, x)
         v = v_out.squeeze(-1)
         q2, qn_hs = _twin_forward(self.qf, torch.cat([obs, new_act, zb], -1))
@@ -542,7 +547,10 @@ class PEARL:
         g_act = _twin_backward(self.qf, qn_hs, g_q, None, slice(o, o + a))
         # d log_pi / du = 2 tanh(u) (the squash correction; the Gaussian term's total
         # derivative along u = mean + std * eps is zero), d log_pi / d log_std = -1
-        g_u = g_act * (1.0 - new_act * new_act) + (2.0 / n) * new_act
+        dsq = 1.0 - new_act * new_act  # d tanh(u) / du
+        # the squash term's derivative: 2 tanh(u) (exact), 2 tanh(u) (1 - tanh^2) / (1 - tanh^2 + eps) (rlkit)
+        g_squash = 2.0 * new_act if pol.squash != "rlkit" else 2.0 * new_act * dsq / sq
+        g_u = g_act * dsq + g_squash / n
         k = n * a
         g_mean = g_u + (2.0 * cfg.policy_mean_reg / k) * pmean
         g_ls = g_u * std * eps_a - 1.0 / n + (2.0 * cfg.policy_std_reg / k) * plog_std
