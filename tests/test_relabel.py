@@ -772,8 +772,8 @@ def test_store_with_sampled_hfr_assignments(tmp_path, monkeypatch):
     captured = []
     orig_assign = rel.assign
 
-    def spy(ps):
-        out = orig_assign(ps)
+    def spy(ps, groups=None):
+        out = orig_assign(ps, groups)
         captured.extend(int(a[0]) for a in out)
         return out
 

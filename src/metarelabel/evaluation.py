@@ -76,14 +76,10 @@ class Evaluator:
         z = torch.empty(len(pairs), L, device=dev)
         pri = [i for i, k in enumerate(kinds) if k == "prior"]
         if pri:
-            z[pri] = (torch.randn(len(pri), L, generator=self.generator, device=dev)
-                      if self.cfg.use_information_bottleneck else torch.zeros(len(pri), L, device=dev))
+            z[pri] = self._z_prior(len(pri))
         post = [i for i, k in enumerate(kinds) if k == "posterior"]
         if post:
-            mu, var = self._posteriors([pairs[i] for i in post])
-            if self.cfg.use_information_bottleneck:
-                mu = mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=dev)
-            z[post] = mu
+            z[post] = self._sample(*self._posteriors([pairs[i] for i in post]))
         return z
 
     def _posteriors(self, pairs: list[Pair]):
@@ -108,19 +104,22 @@ class Evaluator:
         run_jobs(self.venv, self.agent, pairs, self.cfg.max_path_length, self._pair_z, deterministic=True)
         return pairs
 
-    def _z_prior(self) -> torch.Tensor:
+    def _z_prior(self, n: int = 1) -> torch.Tensor:
         L = self.agent.dims.latent
         if not self.cfg.use_information_bottleneck:
-            return torch.zeros(1, L, device=self.agent.device)
-        return torch.randn(1, L, generator=self.generator, device=self.agent.device)
+            return torch.zeros(n, L, device=self.agent.device)
+        return torch.randn(n, L, generator=self.generator, device=self.agent.device)
+
+    def _sample(self, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """z ~ N(mu, var) from the evaluator's generator (the mean without the bottleneck)."""
+        if not self.cfg.use_information_bottleneck:
+            return mu
+        return mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=mu.device)
 
     def _z_posterior(self, contexts: list[np.ndarray]) -> torch.Tensor:
         ctx = context_tensor(stack_contexts(contexts), self.agent.device)
         with torch.no_grad():
-            mu, var = self.agent.infer_posterior(ctx)
-        if not self.cfg.use_information_bottleneck:
-            return mu
-        return mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator, device=mu.device)
+            return self._sample(*self.agent.infer_posterior(ctx))
 
     def run_task(self, task: int) -> Pair:
         """One (task, run) pair, one environment step at a time (``rollouts = sequential``)."""
@@ -137,7 +136,6 @@ class Evaluator:
         if self.venv is not None:
             return self.run_pairs(tasks)
         return [self.run_task(int(t)) for t in tasks for _ in range(self.cfg.eval_runs)]
-
 
     def diagnostics(self, pairs: list[Pair], prefix: str) -> dict[str, float]:
         """Why adaptation works or not: how many of the evaluated tasks' goals the exploration

@@ -80,6 +80,15 @@ class TwinQ(nn.Module):
         return h.squeeze(-1)
 
 
+def squash_log_det(u: torch.Tensor, a: torch.Tensor, squash: str = "exact") -> torch.Tensor:
+    """sum log(1 - tanh(u)^2) over the last axis, with ``a = tanh(u)``: the stable closed form
+    ``2 (log 2 - u - softplus(-2u))`` (``exact``), or the release's ``log(1 - a^2 + 1e-6)``
+    (``rlkit``: a saturated action costs at most ~13.8 nats per dimension)."""
+    if squash == "rlkit":
+        return torch.log(1.0 - a * a + SQUASH_EPS).sum(-1)
+    return (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+
+
 class TanhGaussianPolicy(nn.Module):
     """pi(a | s, z) = tanh(N(mean, exp(log_std)^2)), log-std clamped to [-20, 2]."""
 
@@ -117,11 +126,7 @@ class TanhGaussianPolicy(nn.Module):
         # log N(u; mean, std) - sum log(1 - tanh(u)^2), the latter in a stable form
         log_prob = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         a = torch.tanh(u)
-        if self.squash == "rlkit":  # the release: log(1 - tanh(u)^2 + 1e-6), capped near -13.8
-            log_prob = log_prob - torch.log(1.0 - a * a + SQUASH_EPS).sum(-1)
-        else:
-            log_prob = log_prob - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
-        return a, log_prob, mean, log_std
+        return a, log_prob - squash_log_det(u, a, self.squash), mean, log_std
 
 
 class ContextEncoder(MLP):

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .networks import (_LOG2, FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, SQUASH_EPS, ContextEncoder, ConvTrunk,
-                       TanhGaussianPolicy, TwinQ)
+from .networks import (FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, SQUASH_EPS, ContextEncoder, ConvTrunk,
+                       TanhGaussianPolicy, TwinQ, squash_log_det)
 
 VAR_MIN = 1e-7
 
@@ -527,11 +527,7 @@ class PEARL:
         u = pmean + std * eps_a
         new_act = torch.tanh(u)
         log_pi = (-0.5 * ((u - pmean) / std) ** 2 - plog_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        if pol.squash == "rlkit":
-            sq = 1.0 - new_act * new_act + SQUASH_EPS
-            log_pi = log_pi - torch.log(sq).sum(-1)
-        else:
-            log_pi = log_pi - (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
+        log_pi = log_pi - squash_log_det(u, new_act, pol.squash)
         v_out, v_hs = _mlp_forward(self.vf, x)
         v = v_out.squeeze(-1)
         q2, qn_hs = _twin_forward(self.qf, torch.cat([obs, new_act, zb], -1))
@@ -549,7 +545,7 @@ class PEARL:
         # derivative along u = mean + std * eps is zero), d log_pi / d log_std = -1
         dsq = 1.0 - new_act * new_act  # d tanh(u) / du
         # the squash term's derivative: 2 tanh(u) (exact), 2 tanh(u) (1 - tanh^2) / (1 - tanh^2 + eps) (rlkit)
-        g_squash = 2.0 * new_act if pol.squash != "rlkit" else 2.0 * new_act * dsq / sq
+        g_squash = 2.0 * new_act if pol.squash != "rlkit" else 2.0 * new_act * dsq / (dsq + SQUASH_EPS)
         g_u = g_act * dsq + g_squash / n
         k = n * a
         g_mean = g_u + (2.0 * cfg.policy_mean_reg / k) * pmean

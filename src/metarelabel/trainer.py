@@ -240,13 +240,14 @@ class Trainer:
     def _add_time(self, key: str, t0: float) -> None:
         self._timers[key] = self._timers.get(key, 0.0) + time.perf_counter() - t0
 
-    def _posterior_z(self, task: int) -> torch.Tensor:
-        batch = self.smp_buf.sample([task], self.cfg.embedding_batch_size, self.rng,
-                                    keys=("obs", "actions", self.ctx_key, "next_obs"))
+    def _posterior_z(self, buf: TaskBuffers, rows) -> torch.Tensor:
+        """z ~ the posterior of ``embedding_batch_size`` random transitions of each of ``rows``
+        of ``buf`` (one draw, one encoder call): ``[len(rows), L]``."""
+        batch = buf.sample(rows, self.cfg.embedding_batch_size, self.rng,
+                           keys=("obs", "actions", self.ctx_key, "next_obs"))
         ctx = context_tensor(context_from(batch, self.ctx_key, self.cfg.use_next_obs_in_context), self.device)
         with torch.no_grad():
-            mu, var = self.agent.infer_posterior(ctx)
-            return self.agent.sample_z(mu, var)
+            return self.agent.sample_z(*self.agent.infer_posterior(ctx))
 
     def collect(self, task: int, num_steps: int, posterior: bool, feeds_encoder: bool, relabel: bool = True) -> int:
         """Collect about ``num_steps`` steps (whole trajectories) on ``task``."""
@@ -266,7 +267,7 @@ class Trainer:
                 steps += len(path)
                 self.store([path], feeds_encoder, relabel)
                 if steps < num_steps:
-                    z = self._posterior_z(task)
+                    z = self._posterior_z(self.smp_buf, [task])
         self.env_steps += steps
         return steps
 
@@ -283,7 +284,7 @@ class Trainer:
             self._collected.append((float(p.rewards.sum()), bool(p.success.any())))
         t0 = self._tic()
         if relabel:
-            assignments = self.relabeler.assign(paths) if groups is None else self.relabeler.assign(paths, groups)
+            assignments = self.relabeler.assign(paths, groups)
         else:
             self.relabeler.observe(paths)
             assignments = [np.full(len(p), p.task, np.int64) for p in paths]
@@ -333,12 +334,7 @@ class Trainer:
         if pri:
             z[pri] = self.agent.prior_z(len(pri))
         if post:
-            rows = [visits[i].index for i in post]
-            batch = self.visit_buf.sample(rows, self.cfg.embedding_batch_size, self.rng,
-                                          keys=("obs", "actions", self.ctx_key, "next_obs"))
-            ctx = context_tensor(context_from(batch, self.ctx_key, self.cfg.use_next_obs_in_context), self.device)
-            with torch.no_grad():
-                z[post] = self.agent.sample_z(*self.agent.infer_posterior(ctx))
+            z[post] = self._posterior_z(self.visit_buf, [visits[i].index for i in post])
         return z
 
     def run_visits(self, visits: list[Visit], clear_sampler: bool) -> None:
@@ -357,17 +353,12 @@ class Trainer:
                     self.visit_buf.add_path(v.index, p, with_start=False)
             # the batches completed in this step, filed together (one coin per batch)
             for relabel in (True, False):
-                paths, feeds, groups = [], [], []
-                for v, _ in done:
-                    if v.relabel != relabel:
-                        continue
-                    for batch, f in v.ready:
-                        groups += [len(set(groups))] * len(batch)
-                        paths += batch
-                        feeds += [f] * len(batch)
-                    v.ready = []
-                if paths:
-                    self.store(paths, feeds, relabel=relabel, sampler=False, groups=groups)
+                batches = [b for v, _ in done if v.relabel == relabel for b in v.ready]
+                if batches:
+                    self.store([p for ps, _ in batches for p in ps], [f for ps, f in batches for _ in ps],
+                               relabel=relabel, sampler=False, groups=[g for g, (ps, _) in enumerate(batches) for _ in ps])
+            for v, _ in done:
+                v.ready = []
 
         steps = run_jobs(self.venv, self.agent, visits, cfg.max_path_length, self._visit_z, on_paths)
         self.env_steps += steps
