@@ -32,14 +32,17 @@ def direct_bootstrap_ci(x, reps=20000, seed=1):
     return np.percentile(stats, [2.5, 97.5])
 
 
-def fake_run(root, relabel, seed, returns, success, steps=None):
+def fake_run(root, relabel, seed, returns, success, steps=None, finished=True, iterations=None):
     run = root / relabel / f"s{seed}"
     run.mkdir(parents=True)
+    if finished:
+        (run / "run.json").write_text(json.dumps({"finished": "2026-01-01T00:00:00"}))
     cfg = make_config("four-corners", "quick", {"relabel": relabel, "seed": seed})
     (run / "config.json").write_text(cfg.to_json())
     steps = steps or [100 * (i + 1) for i in range(len(returns))]
     lines = ["iteration,env_steps,meta_test/return,meta_test/success_rate"]
-    lines += [f"{i + 1},{s},{r!r},{p!r}" for i, (s, r, p) in enumerate(zip(steps, returns, success))]
+    its = iterations or range(1, len(returns) + 1)
+    lines += [f"{i},{s},{r!r},{p!r}" for i, s, r, p in zip(its, steps, returns, success)]
     (run / "progress.csv").write_text("\n".join(lines) + "\n")
     return run
 
@@ -121,15 +124,83 @@ def test_final_window_is_anchored_on_the_last_evaluation(tmp_path):
     np.testing.assert_allclose(final_scores(group, "meta_test/return", 3), [-3.0])
 
 
-def test_plot_warns_about_unfinished_runs(tmp_path):
-    done = fake_run(tmp_path, "hfr", 0, [-2.0, -1.0], [0.5, 1.0])
-    (done / "run.json").write_text(json.dumps({"finished": "2026-01-01T00:00:00"}))
-    fake_run(tmp_path, "hfr", 1, [-2.0], [0.5])  # no run.json: never finished
+def test_plot_leaves_out_unfinished_runs_or_cuts_all_at_a_common_budget(tmp_path):
+    fake_run(tmp_path, "hfr", 0, [-2.0, -1.0, -1.0], [0.5, 1.0, 1.0])
+    fake_run(tmp_path, "none", 0, [-2.0, -1.0, -1.0], [0.0, 0.25, 0.25])
+    fake_run(tmp_path, "hfr", 1, [-2.0, -1.5], [0.25, 0.75], finished=False)
     lines = []
-    plot_runs([tmp_path], tmp_path / "out", reps=100, echo=lines.append)
+    res = plot_runs([tmp_path], tmp_path / "out", reps=100, echo=lines.append)
     warnings = [line for line in lines if line.startswith("warning")]
-    assert len(warnings) == 1 and "1 of 2 runs" in warnings[0]
+    assert len(warnings) == 1 and "1 unfinished run(s) left out" in warnings[0]
     assert str(tmp_path / "hfr" / "s1") in warnings[0] and str(tmp_path / "hfr" / "s0") not in warnings[0]
+    rows = {r["strategy"]: r for r in res["rows"]}
+    assert rows["hfr"]["seeds"] == 1 and rows["hfr"]["meta_test/success_rate mean"] == 1.0
+    assert "left out, not finished: s1 (hfr)" in (tmp_path / "out" / "final_performance.md").read_text()
+    # included: every run of the family is cut at iteration 2, the last all of them reached
+    res = plot_runs([tmp_path], tmp_path / "out2", reps=100, echo=lines.append, include_unfinished=True)
+    rows = {r["strategy"]: r for r in res["rows"]}
+    assert rows["hfr"]["seeds"] == 2 and rows["hfr"]["cut_at_iteration"] == 2
+    assert rows["hfr"]["meta_test/success_rate mean"] == pytest.approx((1.0 + 0.75) / 2)
+    assert rows["hfr"]["env_steps"] == 200
+    assert "cut at iteration 2" in (tmp_path / "out2" / "final_performance.md").read_text()
+
+
+def test_plot_refuses_a_progress_file_with_repeated_or_backward_iterations(tmp_path):
+    fake_run(tmp_path, "hfr", 0, [-2.0] * 4, [0.0] * 4, iterations=[1, 3, 2, 4])  # two writers interleaved
+    with pytest.raises(ConfigError, match=r"iterations repeat or go backwards \(row 3: 3 then 2\)"):
+        plot_runs([tmp_path], tmp_path / "out", reps=10)
+    shutil.rmtree(tmp_path / "hfr")
+    fake_run(tmp_path, "hfr", 0, [-2.0] * 3, [0.0] * 3, iterations=[1, 2, 2])
+    with pytest.raises(ConfigError, match="repeat"):
+        plot_runs([tmp_path], tmp_path / "out", reps=10)
+
+
+@pytest.mark.parametrize("reps", [0, -5])
+def test_plot_rejects_non_positive_reps(tmp_path, reps):
+    fake_run(tmp_path, "hfr", 0, [-2.0], [0.0])
+    with pytest.raises(ConfigError, match="--reps must be >= 1"):
+        plot_runs([tmp_path], tmp_path / "out", reps=reps)
+
+
+def test_strategy_colour_is_fixed_and_few_seeds_are_flagged(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from metarelabel import plot as plot_mod
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: drawn.append((k.get("label"), k.get("color"))) or real_plot(self, *a, **k))
+    texts = []
+    real_text = matplotlib.figure.Figure.text
+    monkeypatch.setattr(matplotlib.figure.Figure, "text", lambda self, x, y, t, **k: texts.append(t) or real_text(self, x, y, t, **k))
+    fake_run(tmp_path / "a", "none", 0, [-2.0], [0.0])
+    plot_runs([tmp_path / "a"], tmp_path / "out_a", reps=10, echo=lambda *a: None)
+    fake_run(tmp_path / "b", "hfr", 0, [-2.0], [0.0])
+    fake_run(tmp_path / "b", "none", 0, [-2.0], [0.0])
+    plot_runs([tmp_path / "b"], tmp_path / "out_b", reps=10, echo=lambda *a: None)
+    colors = {}
+    for label, color in drawn:
+        colors.setdefault(label.split(" ")[0], set()).add(color)
+    assert colors == {"none": {plot_mod.STRATEGY_COLORS["none"]}, "hfr": {plot_mod.STRATEGY_COLORS["hfr"]}}
+    assert any("fewer than 3 seeds" in t and "none (1)" in t for t in texts)
+
+
+def test_probability_of_improvement_over_none_equals_the_direct_count(tmp_path):
+    hfr, none = [0.9, 0.5, 0.8, 0.3, 0.6], [0.1, 0.5, 0.0, 0.4, 0.2]
+    for relabel, vals in (("hfr", hfr), ("none", none)):
+        for seed, v in enumerate(vals):
+            fake_run(tmp_path, relabel, seed, [-10.0], [v])
+    res = plot_runs([tmp_path], tmp_path / "out", reps=2000, echo=lambda *a: None)
+    rows = {r["strategy"]: r for r in res["rows"]}
+    # P(X > Y) = (#pairs x > y + 0.5 #ties) / (n_x n_y)
+    direct = sum((x > y) + 0.5 * (x == y) for x in hfr for y in none) / 25
+    key = "meta_test/success_rate P(>none)"
+    assert rows["hfr"][key] == pytest.approx(direct)
+    assert rows["hfr"][key + " CI low"] < direct < rows["hfr"][key + " CI high"] <= 1.0
+    assert key not in rows["none"]
+    md = (tmp_path / "out" / "final_performance.md").read_text()
+    assert f"{direct:.2f} [" in md
 
 
 def test_trailing_mean_smoothing():

@@ -105,7 +105,8 @@ def test_foreign_checkpoint_is_rejected(uninterrupted, tmp_path):
 
 def _trainer(tmp_path, **overrides):
     cfg = make_config("four-corners", "quick", dict(num_iterations=3, num_train_steps_per_itr=3, **overrides))
-    run_dir = prepare_run_dir(tmp_path / "run", overwrite=False)
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, overwrite=False).release()
     tr = Trainer(cfg, run_dir, echo=lambda *a: None, tensorboard=False)
     tr.start()
     return tr

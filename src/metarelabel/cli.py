@@ -62,9 +62,18 @@ def _progress(mode: str) -> bool:
     return sys.stderr.isatty() if mode == "auto" else mode == "on"
 
 
+def _stop_cleanly() -> None:
+    """SIGINT/SIGTERM (and, under a sweep, the sweep's death) stop training resumably."""
+    from .rundir import install_stop_handlers, watch_parent
+
+    install_stop_handlers()
+    watch_parent()
+
+
 def cmd_train(args) -> int:
     from .presets import make_config
-    from .trainer import Trainer, prepare_run_dir
+    from .rundir import prepare_run_dir
+    from .trainer import Trainer
 
     cfg = make_config(args.family, args.preset, _overrides(args))
     if args.run_dir:
@@ -74,10 +83,11 @@ def cmd_train(args) -> int:
         if run_dir.exists():
             run_dir = run_dir.with_name(run_dir.name + time.strftime("-%Y%m%d-%H%M%S"))
     trainer = Trainer(cfg, run_dir, progress=_progress(args.progress), tensorboard=not args.no_tensorboard)
-    prepare_run_dir(run_dir, args.overwrite)
+    _stop_cleanly()
+    lock = prepare_run_dir(run_dir, args.overwrite)  # noqa: F841 (held until this process exits)
     print(f"run directory: {run_dir}")
-    trainer.start()
     try:
+        trainer.start()
         last = trainer.train()
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: metarelabel resume {run_dir}", file=sys.stderr)
@@ -87,8 +97,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_resume(args) -> int:
+    from .rundir import open_run
     from .trainer import load_trainer
 
+    _stop_cleanly()
+    lock = open_run(args.run_dir)  # noqa: F841 (held until this process exits)
     trainer, body = load_trainer(args.run_dir, device=args.device, tensorboard=not args.no_tensorboard,
                                  progress=_progress(args.progress))
     print(f"resuming {args.run_dir} from iteration {trainer.iteration}")
@@ -159,7 +172,7 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import expand, run_local, run_ray
+    from .sweep import expand, mismatch_error, mismatches, run_local, run_ray, run_state
 
     grid, fixed = {}, {}
     for item in args.grid or []:
@@ -179,25 +192,46 @@ def cmd_sweep(args) -> int:
     if args.gpus_per_run < 0:
         raise MetaRelabelError(f"--gpus-per-run must be >= 0, got {args.gpus_per_run}")
     root = str(Path(args.root).resolve())
-    specs = expand(_csv(args.families), _csv(args.relabel), seeds, args.preset, root, grid, fixed)
+    # the device is checked here unless the runs go to a Ray cluster's workers
+    local = args.backend == "local" or args.dry_run or not args.ray_address
+    specs = expand(_csv(args.families), _csv(args.relabel), seeds, args.preset, root, grid, fixed, check_device=local)
+    differ = mismatches(specs)
     print(f"sweep: {len(specs)} runs under {root} (backend {args.backend})")
     if args.dry_run:
-        from .sweep import run_state
+        from .rundir import holder_pid
 
         for spec in specs:
-            print(f"  {spec.label}: {run_state(spec.run_dir)}")
+            pid = holder_pid(spec.run_dir)
+            state = f"running (PID {pid})" if pid else run_state(spec.run_dir)
+            if spec.label in differ:
+                state += f"; made with another config ({', '.join(differ[spec.label])})"
+            print(f"  {spec.label}: {state}")
+    if differ and not args.restart_mismatched:
+        raise mismatch_error(differ, root)
+    if args.dry_run:
         return 0
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MetaRelabelError(f"cannot create sweep root {root}: {exc.strerror}") from None
+    from .rundir import probe_writable
+
+    probe_writable(Path(root), "sweep root")
     if args.backend == "ray":
-        results = run_ray(specs, args.ray_address, num_cpus=args.workers, gpus_per_run=args.gpus_per_run)
+        results = run_ray(specs, args.ray_address, num_cpus=args.workers, gpus_per_run=args.gpus_per_run,
+                          restart=frozenset(differ))
     else:
-        results = run_local(specs, args.workers)
+        results = run_local(specs, args.workers, restart=frozenset(differ))
+    if any(r["status"].startswith(("stopped", "not started")) for r in results):
+        return 130
     return 0 if all(not r["status"].startswith("failed") for r in results) else 1
 
 
 def cmd_plot(args) -> int:
     from .plot import plot_runs
 
-    plot_runs(args.run_dirs, args.out, reps=args.reps, final_iterations=args.final_iterations, smooth=args.smooth)
+    plot_runs(args.run_dirs, args.out, reps=args.reps, final_iterations=args.final_iterations, smooth=args.smooth,
+              include_unfinished=args.include_unfinished)
     return 0
 
 
@@ -256,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--gpus-per-run", type=float, default=0.0, metavar="G",
                    help="ray: GPUs reserved per run, needed for --set device=cuda (a fraction shares a GPU; default: 0)")
     w.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    w.add_argument("--restart-mismatched", action="store_true",
+                   help="start anew the runs whose directory holds another config (default: refuse)")
     w.set_defaults(func=cmd_sweep)
 
     pl = sub.add_parser("plot", help="curves and final table (IQM, 95%% bootstrap CI across seeds)")
@@ -266,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="final score of a run = mean of its evaluations in its last K iterations (default: 1)")
     pl.add_argument("--smooth", type=int, default=1, metavar="W",
                     help="curves: each run's trailing mean over its last W evaluations (not iterations), before the IQM (default: 1, none)")
+    pl.add_argument("--include-unfinished", action="store_true",
+                    help="plot unfinished runs too, every run of a family cut at the last iteration all reached "
+                         "(default: leave them out, with a note)")
     pl.set_defaults(func=cmd_plot)
 
     dd = sub.add_parser("didactic", help="Four-Corners figure: trajectories and HFR vs HIPI q(task | hovering path)")
@@ -294,6 +333,9 @@ def main(argv=None) -> int:
     except MetaRelabelError as exc:
         print(f"metarelabel: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a stop signal outside training (which handles its own)
+        print("metarelabel: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `metarelabel config ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

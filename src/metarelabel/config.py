@@ -310,6 +310,20 @@ def load_config_json(path) -> Config:
 #: values of fields added after the first release, for config.json files that lack them
 LEGACY_DEFAULTS = {"rollouts": "sequential", "grad_step": "reference"}
 
+#: fields that say how a run executes, not what it computes: they may differ between a run
+#: directory's config and the command that continues it (everything else is the run's identity)
+RUN_ONLY_FIELDS = frozenset({"device", "device_buffers", "torch_threads", "checkpoint_every", "keep_checkpoints"})
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field old->new`` for each identity field (not in ``RUN_ONLY_FIELDS``) that differs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in RUN_ONLY_FIELDS or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key} {old.get(key, '(unset)')}->{new.get(key, '(unset)')}")
+    return out
+
 
 @lru_cache(maxsize=1)
 def field_docs() -> dict[str, str]:

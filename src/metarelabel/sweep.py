@@ -2,8 +2,12 @@
 run with a stable name ``ROOT/FAMILY/RELABEL[-TAG]/sSEED``.
 
 A sweep is resumable: finished runs (``run.json`` has ``finished``) are skipped, interrupted
-ones continue with ``metarelabel resume``, the rest start fresh.  Each run is its own
-``python -m metarelabel`` process with one torch thread.  Backends: a local process pool
+ones continue with ``metarelabel resume``, the rest start fresh.  A run directory whose
+``config.json`` differs from what the sweep would start (another preset, other ``--set``
+values) is never reused: the sweep refuses before running anything, unless told to start such
+runs anew (``restart``).  Each run is its own ``python -m metarelabel`` process with one torch
+thread, which holds its run directory's lock.  Stopping the sweep (SIGINT, SIGTERM) stops its
+runs resumably; if the sweep's process is killed outright, its runs notice and stop too.  Backends: a local process pool
 (default) or Ray (``metarelabel[ray]``; connects to ``--ray-address`` or starts a local
 instance), whose tasks run the same command on the cluster's workers (run directories must be
 on a filesystem every worker sees).
@@ -12,14 +16,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .rundir import PARENT_ENV, holder_pid
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class RunSpec:
 
 def run_state(run_dir: Path) -> str:
     """``finished``, ``resumable`` (has a checkpoint), or ``new``."""
+    run_dir = Path(run_dir)
     meta = run_dir / "run.json"
     if meta.exists():
         try:
@@ -55,6 +64,42 @@ def run_state(run_dir: Path) -> str:
     if ckpts.is_dir() and any(p.suffix == ".pt" for p in ckpts.iterdir()):
         return "resumable"
     return "new"
+
+
+def wanted_config(spec: RunSpec) -> dict:
+    from .config import parse_value
+    from .presets import make_config
+
+    return make_config(spec.family, spec.preset, {"relabel": spec.relabel, "seed": spec.seed,
+                                                  **{k: parse_value(k, str(v)) for k, v in spec.overrides}}).to_dict()
+
+
+def mismatches(specs: list[RunSpec]) -> dict[str, list[str]]:
+    """label -> differing fields, for each spec whose run directory holds another config."""
+    from .config import config_differences, load_config_json
+
+    out = {}
+    for spec in specs:
+        path = spec.run_dir / "config.json"
+        if not path.exists():
+            continue
+        try:
+            have = load_config_json(path).to_dict()
+        except ConfigError:
+            out[spec.label] = ["config.json unreadable"]
+            continue
+        diffs = config_differences(have, wanted_config(spec))
+        if diffs:
+            out[spec.label] = diffs
+    return out
+
+
+def mismatch_error(found: dict[str, list[str]], root: str) -> ConfigError:
+    fields = sorted({d.split(" ")[0] for ds in found.values() for d in ds})
+    first, diffs = next(iter(found.items()))
+    return ConfigError(f"sweep: {len(found)} run(s) under {root} were made with another config "
+                       f"(fields {', '.join(fields)}; e.g. {first}: {', '.join(diffs)}); "
+                       "use another --root, or --restart-mismatched to start those runs anew")
 
 
 def command(spec: RunSpec, state: str) -> list[str]:
@@ -70,26 +115,91 @@ def command(spec: RunSpec, state: str) -> list[str]:
     return cmd
 
 
-def execute(spec: RunSpec) -> dict:
-    """Run (or resume) one run to completion in a subprocess; returns a result record."""
-    state = run_state(spec.run_dir)
+class Children:
+    """The sweep's live run processes; ``stop()`` (from a signal handler) terminates them and
+    keeps new ones from starting."""
+
+    def __init__(self):
+        self.procs: set[subprocess.Popen] = set()
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def start(self, cmd, log_fh) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopped:
+                return None
+            env = {**os.environ, PARENT_ENV: str(os.getpid())}
+            proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env)
+            self.procs.add(proc)
+            return proc
+
+    def done(self, proc) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, *_) -> None:
+        with self.lock:
+            self.stopped = True
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+
+
+_CHILDREN = Children()
+
+
+def last_line(path) -> str:
+    """The last non-empty line of a log file ('' if none)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def execute(spec: RunSpec, restart: bool = False, children: Children | None = None, echo=None) -> dict:
+    """Run (or resume) one run to completion in a subprocess; returns a result record.
+    ``restart``: start it anew even if it has finished or can be resumed."""
+    children = children or _CHILDREN
+    state = "new" if restart else run_state(spec.run_dir)
+    rec = {"label": spec.label, "seconds": 0.0, "run_dir": str(spec.run_dir)}
     if state == "finished":
-        return {"label": spec.label, "status": "skipped", "seconds": 0.0, "run_dir": str(spec.run_dir)}
+        return {**rec, "status": "skipped"}
+    if children.stopped:
+        return {**rec, "status": "not started"}
     spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log = spec.run_dir.parent / f"{spec.run_dir.name}.log"
     with open(log, "a") as fh:
-        proc = subprocess.run(command(spec, state), stdout=fh, stderr=subprocess.STDOUT)
-    status = ("resumed" if state == "resumable" else "done") if proc.returncode == 0 else f"failed ({proc.returncode})"
-    return {"label": spec.label, "status": status, "seconds": time.perf_counter() - t0, "run_dir": str(spec.run_dir),
-            "log": str(log)}
+        proc = children.start(command(spec, state), fh)
+        if proc is None:
+            return {**rec, "status": "not started"}
+        if echo is not None:
+            echo(f"start {spec.label} ({'resume' if state == 'resumable' else 'new'}; log {log})")
+        try:
+            code = proc.wait()
+        finally:
+            children.done(proc)
+    if code == 0:
+        status = "resumed" if state == "resumable" else "done"
+    elif children.stopped:
+        status = "stopped (resumable)"
+    else:
+        status = f"failed ({code})"
+    return {**rec, "status": status, "seconds": time.perf_counter() - t0, "log": str(log)}
 
 
 def expand(families, relabels, seeds, preset: str, root: str, grid: dict[str, list[str]] | None = None,
-           fixed: dict[str, str] | None = None) -> list[RunSpec]:
+           fixed: dict[str, str] | None = None, check_device: bool = False) -> list[RunSpec]:
     """The cartesian product of families, strategies, seeds and any ``grid`` of config values,
     seed-major: every family and strategy gets its first seed before any gets its second, so
-    a sweep stopped part-way already compares all strategies."""
+    a sweep stopped part-way already compares all strategies.  Every run's config is validated
+    (and with ``check_device``, its device on this machine)."""
+    from .sampler import resolve_device
+
     from .config import FIELDS
     from .presets import make_config
 
@@ -107,8 +217,10 @@ def expand(families, relabels, seeds, preset: str, root: str, grid: dict[str, li
             # validate now: one bad value must not fail the sweep after hours
             from .config import parse_value
 
-            make_config(family, preset, {"relabel": relabel, "seed": seed,
-                                         **{k: parse_value(k, str(v)) for k, v in overrides.items()}})
+            cfg = make_config(family, preset, {"relabel": relabel, "seed": seed,
+                                               **{k: parse_value(k, str(v)) for k, v in overrides.items()}})
+            if check_device:
+                resolve_device(cfg.device)
             tag = "-".join(f"{k}={v}" for k, v in combo.items())
             specs.append(RunSpec(family, relabel, int(seed), preset, tuple(sorted(overrides.items())), root, tag))
     return specs
@@ -131,8 +243,11 @@ class Progress:
                 final = f" | return {f['meta_test/return']:.2f} success {f['meta_test/success_rate']:.2f}"
         except (OSError, json.JSONDecodeError):
             pass
+        why = ""
+        if result["status"].startswith("failed"):
+            why = f": {last_line(result['log']) or '(empty log)'} (log {result['log']})"
         self.echo(f"[{len(self.done)}/{self.total}] {result['label']}: {result['status']} "
-                  f"({result['seconds']:.0f}s){final}")
+                  f"({result['seconds']:.0f}s){final}{why}")
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -143,18 +258,29 @@ class Progress:
         return f"sweep: {len(self.done)}/{self.total} runs ({parts}) in {time.perf_counter() - self.t0:.0f}s"
 
 
-def run_local(specs: list[RunSpec], workers: int, echo=print) -> list[dict]:
+def run_local(specs: list[RunSpec], workers: int, echo=print, restart: frozenset = frozenset()) -> list[dict]:
+    """Run ``specs`` on a pool of ``workers``; ``restart``: labels to start anew.  SIGINT or
+    SIGTERM stops the runs (resumably) and starts no more."""
+    children = Children()
     progress = Progress(len(specs), echo)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(execute, s) for s in specs]
-        for fut in as_completed(futures):
-            progress.update(fut.result())
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, children.stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(execute, s, s.label in restart, children, echo) for s in specs]
+            for fut in as_completed(futures):
+                progress.update(fut.result())
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     echo(progress.summary())
+    if children.stopped:
+        echo("sweep stopped: its runs saved their progress and can be resumed; run the same sweep command again to continue")
     return progress.done
 
 
 def run_ray(specs: list[RunSpec], address: str | None, cpus_per_run: float = 1.0, echo=print,
-            num_cpus: int | None = None, gpus_per_run: float = 0.0) -> list[dict]:
+            num_cpus: int | None = None, gpus_per_run: float = 0.0, restart: frozenset = frozenset()) -> list[dict]:
     """Each run is a Ray task of ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs.  Ray hides
     the GPUs from tasks that reserve none, so runs with ``device=cuda`` need ``gpus_per_run`` > 0
     (a fraction lets several runs share one GPU)."""
@@ -170,7 +296,7 @@ def run_ray(specs: list[RunSpec], address: str | None, cpus_per_run: float = 1.0
             ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
     remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute)
     progress = Progress(len(specs), echo)
-    pending = {remote.remote(s): s for s in specs}
+    pending = {remote.remote(s, s.label in restart): s for s in specs}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path as FsPath
@@ -25,7 +24,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .buffers import FIELDS, DeviceMirror, EncoderBuffers, Path, TaskBuffers
-from .config import Config
+from .config import LEGACY_DEFAULTS, Config, config_differences
 from .envs import make_family
 from .errors import CheckpointError, ConfigError, NonFiniteError, RunDirError, TrainingDiverged
 from .evaluation import PROTOCOL, Evaluator, train_task_sample
@@ -33,6 +32,7 @@ from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, make_dims
 from .relabel import RelabelContext, make_relabeler
 from .rollout import Job, lane_seeds, lanes_for, run_jobs
+from .rundir import critical, parent_gone, prepare_run_dir
 from .sampler import context_from, context_tensor, resolve_device, rollout, tune_allocator
 
 __all__ = ["Trainer", "load_trainer", "prepare_run_dir", "resolve_device"]
@@ -82,28 +82,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def prepare_run_dir(run_dir, overwrite: bool) -> FsPath:
-    """Create a fresh run directory; an existing non-empty one is refused unless ``overwrite``
-    (and then only if it looks like a run directory)."""
-    run_dir = FsPath(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run directory {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"run directory {run_dir} already exists (use --overwrite, `metarelabel resume`, or another --run-dir)")
-        if not (run_dir / "config.json").exists():
-            raise RunDirError(f"refusing to overwrite {run_dir}: it is not a metarelabel run directory")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RunDirError(f"cannot write to run directory {run_dir}: {exc.strerror}") from None
-    return run_dir
 
 
 class Trainer:
@@ -220,8 +198,11 @@ class Trainer:
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         meta["final"] = {k: v for k, v in last.items() if k.startswith("meta_test/") and "by_trajectory" not in k}
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise RunDirError(f"cannot write {path}: {exc.strerror}; the final checkpoint is intact") from None
 
     def _open_logger(self, purge_step: int | None = None) -> None:
         self.logger = Logger(self.run_dir, tensorboard=self._tensorboard, purge_step=purge_step)
@@ -456,7 +437,7 @@ class Trainer:
             row.update({"collect/return": float(ret.mean()), "collect/success_rate": float(succ.mean())})
         row.update(self.relabeler.diagnostics())
         row["relabel/moved_success_rate"] = float(np.mean(self._moved)) if self._moved else math.nan
-        self._write_matrix(it)
+        self._matrix = self.relabeler.take_matrix()
         t0 = self._tic()
         if it % cfg.eval_every == 0 or it == cfg.num_iterations:
             row.update(self.evaluator.evaluate(self.eval_tasks, "meta_test"))
@@ -481,8 +462,7 @@ class Trainer:
             if not math.isfinite(v):
                 raise NonFiniteError(k, v)
 
-    def _write_matrix(self, it: int) -> None:
-        m = self.relabeler.take_matrix()
+    def _write_matrix(self, it: int, m: np.ndarray) -> None:
         path = self.run_dir / "relabel_matrix.csv"
         new = not path.exists()
         with open(path, "a") as fh:
@@ -516,22 +496,27 @@ class Trainer:
                         f"{exc.quantity} became {exc.value} at iteration {it}; stopped and saved {path} "
                         "(marked failed; resume uses the last good checkpoint). Try a smaller lr or reward_scale."
                     ) from None
-                try:
-                    self.logger.record_dict(row)
-                    last = self.logger.dump(self.env_steps)
-                except OSError as exc:
-                    raise RunDirError(f"cannot write to run directory {self.run_dir}: {exc.strerror}; "
-                                      "the last good checkpoint is intact (metarelabel resume continues from it)") from None
-                line = summary_line(self.iteration, cfg.num_iterations, last)
-                if bar is not None:
-                    bar.update(1)
-                    bar.write(line)
-                else:
-                    self.echo(line)
-                due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
-                if due or self.iteration == cfg.num_iterations:
-                    self.save_checkpoint()
-            self._mark_finished(last)
+                with critical():  # a stop signal waits for the rows and the checkpoint
+                    try:
+                        self._write_matrix(self.iteration, self._matrix)
+                        self.logger.record_dict(row)
+                        last = self.logger.dump(self.env_steps)
+                    except OSError as exc:
+                        raise RunDirError(f"cannot write to run directory {self.run_dir}: {exc.strerror}; "
+                                          "the last good checkpoint is intact (metarelabel resume continues from it)") from None
+                    line = summary_line(self.iteration, cfg.num_iterations, last)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.write(line)
+                    else:
+                        self.echo(line)
+                    due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+                    if due or self.iteration == cfg.num_iterations:
+                        self.save_checkpoint()
+                if parent_gone():  # started by a sweep that is no longer there
+                    raise KeyboardInterrupt
+            with critical():
+                self._mark_finished(last)
         finally:
             if bar is not None:
                 bar.close()
@@ -611,6 +596,12 @@ def load_trainer(run_dir, echo=print, device: str | None = None, tensorboard: bo
     except (OSError, json.JSONDecodeError):
         raise RunDirError(f"{run_dir}/run.json is missing or unreadable") from None
     body = ckpt.load_latest(run_dir / "checkpoints", run_id=meta.get("run_id"))
+    made_with = {**LEGACY_DEFAULTS, **body["payload"].get("config", {})}
+    # num_iterations may have been raised to extend the run; run-only fields may differ
+    diffs = [d for d in config_differences(made_with, cfg.to_dict()) if not d.startswith("num_iterations ")]
+    if diffs:
+        raise RunDirError(f"{run_dir}/config.json differs from the config its checkpoint was made with "
+                          f"({', '.join(diffs)}); restore it, or start a new run")
     trainer = Trainer(cfg, run_dir, echo=echo, progress=progress, tensorboard=tensorboard)
     trainer.run_id = meta["run_id"]
     try:
