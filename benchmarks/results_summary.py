@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from datetime import datetime
 
 import numpy as np
 
+from metarelabel.errors import MetaRelabelError
 from metarelabel.plot import final_scores, find_runs, load_run, trailing_mean
 
 
@@ -39,8 +41,13 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.25, help="success level for the 'first reaching' column")
     ap.add_argument("--window", type=int, default=5, help="evaluations averaged for the 'first reaching' column")
     args = ap.parse_args()
+    try:
+        dirs = find_runs([args.root])
+    except MetaRelabelError as exc:
+        print(f"results_summary: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     rows = []
-    for d in find_runs([args.root]):
+    for d in dirs:
         run = load_run(d)
         cfg, cols = run["config"], run["cols"]
         meta = json.loads((d / "run.json").read_text())
