@@ -169,21 +169,35 @@ class TaskBuffers:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["capacity"]) != self.capacity:
-            raise ValueError(f"buffer capacity {state['capacity']} != {self.capacity}")
+        """Restore a state; into a larger buffer (a run extended with ``resume --num-iterations``)
+        only if no task's ring has wrapped, so the rows keep their order and the grown buffer
+        is the one a longer run would have had."""
+        old = int(state["capacity"])
         size = np.asarray(state["size"], np.int64)
         if size.shape != self.size.shape:
             raise ValueError(f"buffer has {len(size)} tasks, this run {self.num_tasks}")
+        ptr = np.asarray(state["ptr"], np.int64)
+        grow = old != self.capacity
+        if grow:
+            in_order = bool(np.all((ptr == size) | ((size == old) & (ptr == 0))))
+            if old > self.capacity or not in_order:
+                raise ValueError(f"buffer capacity {old} != {self.capacity}")
+            ptr = size.copy()  # the next row goes after the filled ones
         self.size[:] = size
-        self.ptr[:] = state["ptr"]
+        self.ptr[:] = ptr
         bounds = np.concatenate([[0], np.cumsum(size)])
         for k, v in state["data"].items():
             for t in range(self.num_tasks):
                 self.data[k][t, : size[t]] = v[bounds[t]: bounds[t + 1]]
         if self.store_starts:
             ssize = np.asarray(state["start_size"], np.int64)
+            sptr = np.asarray(state["start_ptr"], np.int64)
+            if grow:
+                if not np.all((sptr == ssize) | ((ssize == old) & (sptr == 0))):
+                    raise ValueError(f"buffer capacity {old} != {self.capacity}")
+                sptr = ssize.copy()
             self.start_size[:] = ssize
-            self.start_ptr[:] = state["start_ptr"]
+            self.start_ptr[:] = sptr
             sb = np.concatenate([[0], np.cumsum(ssize)])
             for t in range(self.num_tasks):
                 self.starts[t, : ssize[t]] = state["starts"][sb[t]: sb[t + 1]]

@@ -158,3 +158,33 @@ def load_latest(ckpt_dir, run_id: str | None = None, warn=_warn_stderr, allow_fa
             continue
         return body
     raise CheckpointError(f"no usable checkpoint in {ckpt_dir}")
+
+
+def load_chosen(ckpt_dir, choice=None, run_id: str | None = None, warn=_warn_stderr) -> tuple[dict, Path | None]:
+    """The checkpoint a user chose: ``None`` (the newest good one), an iteration number, or
+    the path of a ``.pt`` file (verified by its manifest when it has one; without one it is
+    loaded weights-only after a warning that it cannot be verified).  Returns (body, path)."""
+    ckpt_dir = Path(ckpt_dir)
+    if choice is None:
+        body = load_latest(ckpt_dir, run_id=run_id, warn=warn)
+        return body, ckpt_dir / f"ckpt_{int(body['iteration']):06d}.pt"
+    text = str(choice)
+    if text.isdigit():
+        path = ckpt_dir / f"ckpt_{int(text):06d}.pt"
+        if not path.exists():
+            have = ", ".join(str(int(_NAME.match(p.name).group(1))) for p in list_checkpoints(ckpt_dir)) or "none"
+            raise CheckpointError(f"no checkpoint of iteration {int(text)} in {ckpt_dir} (available: {have})")
+        return load_file(path, run_id), path
+    path = Path(text)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint file: {path}")
+    if path.with_suffix(".json").exists():
+        return load_file(path), path
+    warn(f"warning: {path.name} has no manifest beside it; loading it without checksum verification")
+    try:
+        body = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path.name}: cannot be loaded ({type(exc).__name__})") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT or "payload" not in body:
+        raise CheckpointError(f"{path.name}: not a metarelabel checkpoint")
+    return body, path

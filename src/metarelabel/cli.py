@@ -84,15 +84,15 @@ def cmd_train(args) -> int:
             run_dir = run_dir.with_name(run_dir.name + time.strftime("-%Y%m%d-%H%M%S"))
     trainer = Trainer(cfg, run_dir, progress=_progress(args.progress), tensorboard=not args.no_tensorboard)
     _stop_cleanly()
-    lock = prepare_run_dir(run_dir, args.overwrite)  # noqa: F841 (held until this process exits)
-    print(f"run directory: {run_dir}")
-    try:
-        trainer.start()
-        last = trainer.train()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: metarelabel resume {run_dir}", file=sys.stderr)
-        return 130
-    _print_final(last, run_dir)
+    with prepare_run_dir(run_dir, args.overwrite):  # this process is the run's one writer
+        print(f"run directory: {run_dir}")
+        try:
+            trainer.start()
+            last = trainer.train()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; continue with: metarelabel resume {run_dir}", file=sys.stderr)
+            return 130
+    _print_final(last, run_dir, trainer)
     return 0
 
 
@@ -101,38 +101,72 @@ def cmd_resume(args) -> int:
     from .trainer import load_trainer
 
     _stop_cleanly()
-    lock = open_run(args.run_dir)  # noqa: F841 (held until this process exits)
-    trainer, body = load_trainer(args.run_dir, device=args.device, tensorboard=not args.no_tensorboard,
-                                 progress=_progress(args.progress))
-    print(f"resuming {args.run_dir} from iteration {trainer.iteration}")
-    trainer.prepare_resume()
-    try:
-        last = trainer.train()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: metarelabel resume {args.run_dir}", file=sys.stderr)
-        return 130
-    _print_final(last, Path(args.run_dir))
+    with open_run(args.run_dir):  # this process is the run's one writer
+        trainer, body = load_trainer(args.run_dir, device=args.device, tensorboard=not args.no_tensorboard,
+                                     progress=_progress(args.progress), num_iterations=args.num_iterations)
+        print(f"resuming {args.run_dir} from iteration {trainer.iteration} of {trainer.cfg.num_iterations}")
+        trainer.prepare_resume()
+        try:
+            last = trainer.train()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; continue with: metarelabel resume {args.run_dir}", file=sys.stderr)
+            return 130
+    _print_final(last, Path(args.run_dir), trainer)
     return 0
 
 
-def _print_final(last: dict, run_dir: Path) -> None:
-    if "meta_test/return" in last:
-        print(f"done: meta_test/return {last['meta_test/return']:.3f}, "
-              f"meta_test/success_rate {last['meta_test/success_rate']:.3f}; outputs in {run_dir}")
-    else:
-        print(f"done; outputs in {run_dir}")
+def _print_final(last: dict, run_dir: Path, trainer) -> None:
+    """Wall time, env steps, final and best meta-test values, and what to run next."""
+    from .logger import read_progress
+    from .trainer import format_duration
+
+    wall = format_duration(getattr(trainer, "wall_s", 0.0))
+    parts = []
+    try:
+        rows = read_progress(run_dir / "progress.csv")
+    except OSError:
+        rows = []
+    for key in ("meta_test/success_rate", "meta_test/return"):
+        vals = [(float(r[key]), int(r["iteration"])) for r in rows if r.get(key) not in (None, "", "nan")]
+        vals = [v for v in vals if v[0] == v[0]]
+        if vals:
+            best = max(vals, key=lambda v: v[0])
+            parts.append(f"{key} final {vals[-1][0]:.3f} (best {best[0]:.3f} at iteration {best[1]})")
+    print(f"done in {wall} (this process): {trainer.env_steps:,} env steps, iteration {trainer.iteration}"
+          + ("; " + "; ".join(parts) if parts else "") + f"; outputs in {run_dir}")
+    print(f"next: metarelabel eval {run_dir}  |  metarelabel plot {run_dir} --out {run_dir / 'plots'}")
 
 
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, device=args.device, eval_runs=args.eval_runs, seed=args.seed)
+    metrics = evaluate_run(args.run_dir, device=args.device, eval_runs=args.eval_runs, seed=args.seed,
+                           checkpoint=args.checkpoint, rollouts=args.rollouts)
+    if not args.json:
+        print(f"checkpoint: {metrics.pop('checkpoint')} (iteration {metrics['iteration']})")
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         width = max(len(k) for k in metrics)
         for k, v in metrics.items():
             print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .agent import export_agent
+
+    out = export_agent(args.run_dir, args.out, checkpoint=args.checkpoint)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB: networks and config; load with metarelabel.load_agent)")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .render import render_run
+
+    out = render_run(args.run_dir, task=args.task, out=args.out, checkpoint=args.checkpoint, seed=args.seed,
+                     device=args.device)
+    print(f"wrote {out}")
     return 0
 
 
@@ -246,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .presets import preset_names
 
     p = _Parser(prog="metarelabel", description="PEARL meta-RL with trajectory relabeling (HFR, HIPI, random, none).")
+    p.add_argument("--version", action=_VersionAction, nargs=0, help="print the version (and git commit) and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="meta-train a new run")
@@ -266,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the run's device")
     r.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
     r.add_argument("--no-tensorboard", action="store_true")
+    r.add_argument("--num-iterations", type=int, metavar="N",
+                   help="extend the run to N iterations in total (recorded in config.json and run.json)")
     r.set_defaults(func=cmd_resume)
 
     e = sub.add_parser("eval", help="re-evaluate a saved run with the meta-test protocol")
@@ -274,7 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-runs", type=int, help="runs per task (default: the run's eval_runs)")
     e.add_argument("--seed", type=int, default=12345, help="evaluation seed (default: 12345)")
     e.add_argument("--json", action="store_true", help="print metrics as JSON")
+    e.add_argument("--checkpoint", metavar="ITER|PATH", help="iteration number or .pt file (default: the newest good one)")
+    e.add_argument("--rollouts", choices=("vector", "sequential"),
+                   help="rollout engine (default: the run's); `sequential` draws z in the order of metarelabel.load_agent")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a run's networks + config (no buffers) for metarelabel.load_agent")
+    x.add_argument("run_dir")
+    x.add_argument("--out", default="agent.pt", help="output file (default: agent.pt)")
+    x.add_argument("--checkpoint", metavar="ITER|PATH", help="iteration number or .pt file (default: the newest good one)")
+    x.set_defaults(func=cmd_export)
+
+    rd = sub.add_parser("render", help="draw the meta-test protocol on one task: PNG (2-D families) or GIF/MP4 (MuJoCo)")
+    rd.add_argument("run_dir", help="a run directory or an exported agent file")
+    rd.add_argument("--task", type=int, default=0, help="index into the family's eval tasks (default: 0)")
+    rd.add_argument("--out", help="output file (default: RUN_DIR/render_task<K>.png or .gif)")
+    rd.add_argument("--checkpoint", metavar="ITER|PATH", help="iteration number or .pt file (default: the newest good one)")
+    rd.add_argument("--seed", type=int, default=12345, help="seed of the z draws and start states (default: 12345)")
+    rd.add_argument("--device", choices=("cpu", "cuda", "auto"), help="override the run's device")
+    rd.set_defaults(func=cmd_render)
 
     w = sub.add_parser("sweep", help="run families x strategies x seeds (resumable; local pool or Ray)")
     w.add_argument("--families", required=True, help="comma-separated task families")
@@ -323,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(c)
     c.set_defaults(func=cmd_config)
     return p
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked for (it may call git)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .provenance import version_string
+
+        print(version_string())
+        parser.exit(0)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .rollout import Job, lane_seeds, lanes_for, run_jobs
-from .sampler import context_tensor, path_context, resolve_device, rollout, stack_contexts
+from .sampler import context_tensor, path_context, rollout, stack_contexts
 
 PROTOCOL = "pearl-online"
 
@@ -187,46 +187,25 @@ class Evaluator:
         return out
 
 
-def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = None, seed: int = 12345) -> dict:
-    """Re-evaluate a saved run's newest good checkpoint with the protocol."""
-    import json
-    from pathlib import Path
+def evaluate_run(run_dir, device: str | None = None, eval_runs: int | None = None, seed: int = 12345,
+                 checkpoint=None, rollouts: str | None = None) -> dict:
+    """Re-evaluate a saved run with the protocol: its newest good checkpoint, or ``checkpoint``
+    (an iteration number or a ``.pt`` path); ``rollouts`` overrides the run's engine."""
+    from .agent import load_pearl
+    from .errors import ConfigError
 
-    from . import checkpoint as ckpt
-    from .config import load_config_json
-    from .envs import make_family
-    from .errors import ConfigError, RunDirError
-    from .pearl import PEARL, make_dims
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise RunDirError(f"{run_dir} is not a metarelabel run directory (no config.json)")
-    cfg = load_config_json(run_dir / "config.json")
-    changes = {}
-    if device is not None:
-        changes["device"] = device
+    changes: dict = {}
     if eval_runs is not None:
         if eval_runs < 1:
             raise ConfigError("eval_runs: must be >= 1")
         changes["eval_runs"] = eval_runs
-    if changes:
-        cfg = cfg.replace(**changes)
-    try:
-        run_id = json.loads((run_dir / "run.json").read_text()).get("run_id")
-    except (OSError, json.JSONDecodeError):
-        run_id = None
-    body = ckpt.load_latest(run_dir / "checkpoints", run_id=run_id)
+    if rollouts is not None:
+        changes["rollouts"] = rollouts
+    cfg, env, agent, info = load_pearl(run_dir, checkpoint, device, changes)
     torch.set_num_threads(cfg.torch_threads)
-    dev = resolve_device(cfg.device)
-    env = make_family(cfg.family, cfg.task_seed)
-    dims = make_dims(env, cfg)
-    agent = PEARL(dims, cfg, dev)
-    try:
-        agent.load_state_dict(body["payload"]["agent"], with_optimizers=False)
-    except (KeyError, RuntimeError) as exc:
-        raise ckpt.CheckpointError(f"checkpoint does not match the run's config ({type(exc).__name__})") from None
     ev = Evaluator(env, agent, cfg, seed=seed)
-    out: dict = {"iteration": int(body["iteration"]), "env_steps": int(body["payload"]["env_steps"]),
-                 "protocol": PROTOCOL}
+    out: dict = {"iteration": info["iteration"], "env_steps": info["env_steps"], "protocol": PROTOCOL,
+                 "checkpoint": info["source"]["checkpoint"]}
     out.update(ev.evaluate(env.eval_tasks, "meta_test"))
     sample = train_task_sample(len(env.train_tasks), cfg.num_eval_train_tasks)
     if len(sample):

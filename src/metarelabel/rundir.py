@@ -71,6 +71,9 @@ class RunLock:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
 
+    def __del__(self):
+        self.release()
+
     def __enter__(self):
         return self
 

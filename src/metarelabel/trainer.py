@@ -12,6 +12,7 @@ buffers, relabeler, evaluator, logger, checkpoints.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -74,6 +75,16 @@ class Visit(Job):
         if posterior or self.steps >= self.phases[self.phase][0]:
             self.ready.append((self._pending, feeds))
             self._pending = []
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``12m05s``, ``3h20m``."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -183,8 +194,10 @@ class Trainer:
     def start(self) -> None:
         """Write config and run metadata into a fresh run directory."""
         (self.run_dir / "config.json").write_text(self.cfg.to_json() + "\n")
-        meta = {"run_id": self.run_id, "protocol": PROTOCOL, "device": str(self.device),
-                "torch": torch.__version__, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        from .provenance import provenance
+
+        meta = {"run_id": self.run_id, "protocol": PROTOCOL, **provenance(self.device),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
         self._open_logger()
 
@@ -203,6 +216,24 @@ class Trainer:
             os.replace(tmp, path)
         except OSError as exc:
             raise RunDirError(f"cannot write {path}: {exc.strerror}; the final checkpoint is intact") from None
+
+    def record_extension(self, old: int) -> None:
+        """Record in config.json and run.json that this run (built with its new
+        ``num_iterations``) was extended from ``old`` iterations (``resume --num-iterations``)."""
+        num_iterations = self.cfg.num_iterations
+        if num_iterations == old:
+            return
+        try:
+            meta = json.loads((self.run_dir / "run.json").read_text())
+            meta.pop("finished", None)
+            meta.setdefault("extended", []).append({"from": old, "to": num_iterations, "at_iteration": self.iteration,
+                                                    "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            for name, text in (("config.json", self.cfg.to_json() + "\n"), ("run.json", json.dumps(meta, indent=2) + "\n")):
+                tmp = self.run_dir / (name + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, self.run_dir / name)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"cannot record the new length in {self.run_dir}: {exc}") from None
 
     def _open_logger(self, purge_step: int | None = None) -> None:
         self.logger = Logger(self.run_dir, tensorboard=self._tensorboard, purge_step=purge_step)
@@ -381,11 +412,15 @@ class Trainer:
         self.enc_buf.mark_all_for_clear()
 
     # ---- training ---------------------------------------------------------------------------------------
-    def sample_training_batch(self):
+    def sample_training_batch(self, rng: np.random.Generator | None = None):
+        """A meta-batch and its contexts, drawn with the run's generator (or ``rng``, which
+        also skips the relabeler's per-step hook: for timing only)."""
         cfg = self.cfg
-        tasks = self.rng.integers(0, self.num_tasks, size=cfg.meta_batch)
-        idx = self.rl_buf.sample_indices(tasks, cfg.batch_size, self.rng)
-        cidx = self.enc_buf.sample_indices(tasks, cfg.embedding_batch_size, self.rng)
+        own = rng is None
+        rng = self.rng if own else rng
+        tasks = rng.integers(0, self.num_tasks, size=cfg.meta_batch)
+        idx = self.rl_buf.sample_indices(tasks, cfg.batch_size, rng)
+        cidx = self.enc_buf.sample_indices(tasks, cfg.embedding_batch_size, rng)
         dev = self.device
         if self.rl_mirror is not None:  # gathered on the device: only the indices travel, in one copy
             M, B, E = len(tasks), idx.shape[1], cidx.shape[1]
@@ -400,8 +435,44 @@ class Trainer:
                  "next_obs": b["next_obs"], "terminals": b["terminals"]}
         batch = {k: torch.as_tensor(v, device=dev) for k, v in batch.items()}
         context = context_tensor(context_from(c, self.ctx_key, cfg.use_next_obs_in_context), dev)
-        self.relabeler.on_gradient_step(tasks, b)
+        if own:
+            self.relabeler.on_gradient_step(tasks, b)
         return batch, context
+
+    def time_gradient_step(self, steps: int = 2) -> float:
+        """Seconds per gradient step, timed on a copy of the agent with batches of a private
+        generator; the run's networks and random streams are untouched."""
+        agent = copy.deepcopy(self.agent)
+        state = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        rng = np.random.default_rng(0)
+        try:
+            agent.update(*self.sample_training_batch(rng))  # warm-up (allocations, flat views)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                agent.update(*self.sample_training_batch(rng))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return (time.perf_counter() - t0) / steps
+        finally:
+            torch.set_rng_state(state)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+    def time_estimate(self) -> tuple[float, str]:
+        """(seconds, line): the remaining iterations' gradient steps at the timed rate, and the
+        size a checkpoint reaches once the buffers are full."""
+        cfg = self.cfg
+        per_step = self.time_gradient_step()
+        left = max(cfg.num_iterations - self.iteration, 0)
+        total = per_step * cfg.num_train_steps_per_itr * left
+        full = sum(b.nbytes for b in (self.rl_buf, self.enc_buf, self.smp_buf))
+        line = (f"estimate: {format_duration(total)} for {left} iterations of gradient steps alone "
+                f"({per_step * 1e3:.1f} ms per step x {cfg.num_train_steps_per_itr:,} per iteration on {self.device}; "
+                f"collection and evaluation add to it); checkpoints grow to about {_fmt_bytes(full)} as the buffers fill")
+        return total, line
 
     def train_steps(self, n: int) -> dict[str, float]:
         sums: dict[str, torch.Tensor] = {}
@@ -474,11 +545,20 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run (or continue) meta-training to ``num_iterations``; returns the last row."""
         cfg = self.cfg
+        t_run = time.perf_counter()
         self.echo(self.memory_estimate())
         if not self.initial_done:
             t0 = self._tic()
             self.initial_collection()
             self.echo(f"initial collection: {self.env_steps:,} steps in {time.perf_counter() - t0:.1f}s")
+        if self.iteration < cfg.num_iterations:
+            total, line = self.time_estimate()
+            self.echo(line)
+            if total > 2 * 3600:
+                faster = ("; for a CPU-sized run try --preset cpu (or --preset quick for a smoke test)"
+                          if self.device.type == "cpu" and cfg.preset != "cpu" else "")
+                self.echo(f"warning: this run will take about {format_duration(total)} on {self.device}{faster}")
+        t_loop, first = time.perf_counter(), self.iteration
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -504,12 +584,18 @@ class Trainer:
                     except OSError as exc:
                         raise RunDirError(f"cannot write to run directory {self.run_dir}: {exc.strerror}; "
                                           "the last good checkpoint is intact (metarelabel resume continues from it)") from None
-                    line = summary_line(self.iteration, cfg.num_iterations, last)
+                    elapsed = time.perf_counter() - t_loop
+                    eta = elapsed / (self.iteration - first) * (cfg.num_iterations - self.iteration)
+                    line = (summary_line(self.iteration, cfg.num_iterations, last)
+                            + f" | {format_duration(elapsed)} elapsed, eta {format_duration(eta)}")
                     if bar is not None:
                         bar.update(1)
                         bar.write(line)
                     else:
                         self.echo(line)
+                    if self.iteration == first + 1 and self.iteration < cfg.num_iterations:
+                        self.echo(f"estimated time to finish: {format_duration(eta)} "
+                                  f"({elapsed:.1f} s per iteration, {cfg.num_iterations - self.iteration} to go)")
                     due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
                     if due or self.iteration == cfg.num_iterations:
                         self.save_checkpoint()
@@ -517,6 +603,7 @@ class Trainer:
                     raise KeyboardInterrupt
             with critical():
                 self._mark_finished(last)
+            self.wall_s = time.perf_counter() - t_run
         finally:
             if bar is not None:
                 bar.close()
@@ -581,7 +668,7 @@ class Trainer:
 
 
 def load_trainer(run_dir, echo=print, device: str | None = None, tensorboard: bool = False,
-                 progress: bool = False) -> tuple[Trainer, dict]:
+                 progress: bool = False, num_iterations: int | None = None) -> tuple[Trainer, dict]:
     """Rebuild a run's trainer from its directory and newest good checkpoint."""
     from .config import load_config_json
 
@@ -602,10 +689,18 @@ def load_trainer(run_dir, echo=print, device: str | None = None, tensorboard: bo
     if diffs:
         raise RunDirError(f"{run_dir}/config.json differs from the config its checkpoint was made with "
                           f"({', '.join(diffs)}); restore it, or start a new run")
+    if num_iterations is not None:  # extended: buffers sized for the longer run
+        if num_iterations < int(body["iteration"]):
+            raise ConfigError(f"--num-iterations {num_iterations} is below the {int(body['iteration'])} iterations "
+                              "this run has already done")
+        old = cfg.num_iterations
+        cfg = cfg.replace(num_iterations=num_iterations)
     trainer = Trainer(cfg, run_dir, echo=echo, progress=progress, tensorboard=tensorboard)
     trainer.run_id = meta["run_id"]
     try:
         trainer.load_state_dict(body["payload"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint does not match this run's config ({type(exc).__name__}: {exc})") from None
+    if num_iterations is not None:
+        trainer.record_extension(old)
     return trainer, body
