@@ -228,9 +228,10 @@ def test_state_dict_round_trip(cls):
 def _assert_mirror_equals_host(buf, mirror, rng):
     tasks = np.flatnonzero(buf.size > 0)
     idx = buf.sample_indices(tasks, 64, rng)
-    host = buf.gather(tasks, idx, mirror.keys)
+    host = buf.gather(tasks, idx, mirror.wanted)
     dev = mirror.gather(tasks, idx)
-    for k in mirror.keys:
+    assert set(dev) == set(mirror.wanted)
+    for k in mirror.wanted:
         np.testing.assert_array_equal(dev[k].cpu().numpy(), host[k], err_msg=k)
 
 
@@ -276,3 +277,59 @@ def test_device_mirror_of_image_observations():
                        "dense_rewards": np.zeros(n), "terminals": np.zeros(n), "next_obs": obs})
     assert mirror.data["obs"].dtype == torch.uint8
     _assert_mirror_equals_host(buf, mirror, rng)
+
+
+def _image_path(rng, n: int, first_id: int):
+    """A path of n image transitions: next_obs[t] == obs[t + 1]; rewards carry global row ids."""
+    frames = rng.integers(0, 256, (n + 1, 3, 4, 4), dtype=np.uint8)
+    return {"obs": frames[:-1], "actions": rng.uniform(-1, 1, (n, 2)), "rewards": np.arange(first_id, first_id + n, dtype=np.float64),
+            "dense_rewards": np.zeros(n), "terminals": np.zeros(n), "next_obs": frames[1:]}
+
+
+@pytest.mark.parametrize("cls", [TaskBuffers, EncoderBuffers])
+def test_image_buffers_store_each_frame_once(cls):
+    from metarelabel.buffers import FOLLOWS, DeviceMirror
+
+    rng = np.random.default_rng(0)
+    buf = cls(2, 40, 0, 2, obs_shape=(3, 4, 4), obs_dtype=np.uint8)
+    mirror = DeviceMirror(buf, "cpu", keys=("obs", "actions", "rewards", "next_obs"))
+    truth: dict[int, dict] = {}  # global row id -> its transition
+    nid, paths = 0, 0
+    for task, n in [(0, 7), (1, 12), (0, 20), (0, 9), (1, 5), (0, 15), (0, 1), (1, 30)]:  # task 0 wraps
+        p = _image_path(rng, n, nid)
+        buf.add(task, p)
+        for t in range(n):
+            truth[nid + t] = {k: v[t] for k, v in p.items()}
+        nid += n
+        paths += 1
+    all_rows = {}
+    for task in (0, 1):
+        idx = np.arange(buf.size[task])[None]
+        got = buf.gather([task], idx)
+        for j in range(idx.shape[1]):
+            rid = int(got["rewards"][0, j, 0])
+            for k in ("obs", "actions", "next_obs"):
+                np.testing.assert_array_equal(got[k][0, j], truth[rid][k].astype(got[k].dtype))
+            all_rows[(task, j)] = rid
+    # one stored next frame per stored path end, every other row reads the following row's obs
+    own = sum(int((~buf.data[FOLLOWS][t, : buf.size[t]]).sum()) for t in (0, 1))
+    state = buf.state_dict()
+    assert len(state["data"]["next_obs"]) == own <= paths
+    assert state["data"]["next_obs"].nbytes < state["data"]["obs"].nbytes / 4
+    fresh = cls(2, 40, 0, 2, obs_shape=(3, 4, 4), obs_dtype=np.uint8)
+    fresh.load_state_dict(state)
+    idx = rng.integers(0, 40, (2, 64))
+    for k, v in buf.gather([0, 1], idx).items():
+        np.testing.assert_array_equal(fresh.gather([0, 1], idx)[k], v)
+    _assert_mirror_equals_host(buf, mirror, rng)
+
+
+def test_image_buffer_stores_next_frames_that_are_not_the_following_obs():
+    rng = np.random.default_rng(3)
+    buf = TaskBuffers(1, 10, 0, 2, obs_shape=(3, 4, 4), obs_dtype=np.uint8)
+    p = _image_path(rng, 6, 0)
+    p["next_obs"] = p["next_obs"].copy()
+    p["next_obs"][2] ^= 1  # not one path: that row keeps its own next frame
+    buf.add(0, p)
+    got = buf.gather([0], np.arange(6)[None])
+    np.testing.assert_array_equal(got["next_obs"][0], p["next_obs"])

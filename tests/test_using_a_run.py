@@ -195,7 +195,7 @@ def test_render_a_mujoco_family(tmp_path, capsys):
     imageio = pytest.importorskip("imageio.v2")
     run = tmp_path / "cv"
     code, out, err = run_main(["train", "cheetah-vel", "--preset", "quick", "--num-iterations", "1",
-                               "--num-train-steps-per-itr", "2", "--eval-steps", "30", "--progress", "off",
+                               "--num-train-steps-per-itr", "2", "--max-path-length", "30", "--eval-steps", "60", "--progress", "off",
                                "--no-tensorboard", "--run-dir", run], capsys)
     assert code == 0, err
     gif = tmp_path / "cv.gif"

@@ -54,22 +54,39 @@ def _dims(obs_dim: int, act_dim: int) -> dict[str, int]:
     return {"obs": obs_dim, "actions": act_dim, "rewards": 1, "dense_rewards": 1, "terminals": 1, "next_obs": obs_dim}
 
 
+#: image buffers: per row, whether ``next_obs`` is the following row's ``obs`` (see TaskBuffers)
+FOLLOWS = "next_follows"
+
+
 def _layout(obs_dim, act_dim, obs_shape, obs_dtype) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-field row shape and dtype."""
+    """Per-field row shape and dtype (image layouts add the ``next_follows`` flag)."""
     shape = (int(obs_dim),) if obs_shape is None else tuple(int(s) for s in obs_shape)
     out = {}
     for k, d in _dims(obs_dim, act_dim).items():
         out[k] = (shape, np.dtype(obs_dtype)) if k in OBS_FIELDS else ((d,), np.dtype(np.float32))
+    if len(shape) > 1:
+        out[FOLLOWS] = ((), np.dtype(np.bool_))
     return out
 
 
 class TaskBuffers:
+    """Per-task ring buffers of transitions.
+
+    Image layouts store each frame once: within a stored path ``next_obs[t]`` is ``obs[t + 1]``,
+    so a row's ``next_obs`` is kept only where it is not the following row's ``obs`` (the last
+    row of each path; ``next_follows`` says which), and ``gather`` reads it from the following
+    row otherwise.  A ring overwrites rows oldest first, so a row whose next frame lives in the
+    following row is always overwritten before that row.  The ``next_obs`` array is written
+    only at those rows, so the rest of it is never committed, and checkpoints hold each frame
+    once."""
+
     def __init__(self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False,
                  obs_shape: tuple[int, ...] | None = None, obs_dtype=np.float32):
         self.num_tasks, self.capacity = int(num_tasks), int(capacity)
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.layout = _layout(obs_dim, act_dim, obs_shape, obs_dtype)
         self.obs_shape, self.obs_dtype = self.layout["obs"]
+        self.linked = FOLLOWS in self.layout
         self.data = {k: np.zeros((num_tasks, capacity) + shp, dt) for k, (shp, dt) in self.layout.items()}
         self.size = np.zeros(num_tasks, np.int64)
         self.ptr = np.zeros(num_tasks, np.int64)
@@ -95,6 +112,14 @@ class TaskBuffers:
         total = sum(a.nbytes for a in self.data.values())
         return total + (self.starts.nbytes if self.store_starts else 0)
 
+    def stored_bytes(self, path_length: int) -> int:
+        """Bytes of the full buffer in a checkpoint, with paths of ``path_length`` steps (an
+        image layout keeps one ``next_obs`` frame per path)."""
+        total = self.nbytes
+        if self.linked:
+            total -= int(self.data["next_obs"].nbytes * (1 - 1 / max(int(path_length), 1)))
+        return total
+
     # ---- writing --------------------------------------------------------------------------
     def add(self, task: int, transitions: dict[str, np.ndarray], start_obs: np.ndarray | None = None) -> None:
         """Append T transitions (arrays with T rows) to ``task``'s ring buffer."""
@@ -108,6 +133,17 @@ class TaskBuffers:
         idx = (self.ptr[task] + np.arange(n)) % cap
         for key in FIELDS:
             shp, dt = self.layout[key]
+            if key == "next_obs" and self.linked:
+                nxt = np.asarray(transitions[key], dt).reshape((n,) + shp)
+                obs = self.data["obs"][task, idx]
+                # next frame = the following row's obs, checked (a batch that is not one path keeps its own)
+                follows = np.zeros(n, bool)
+                if n > 1:
+                    follows[:-1] = (nxt[:-1] == obs[1:]).reshape(n - 1, -1).all(1)
+                self.data[FOLLOWS][task, idx] = follows
+                keep = idx[~follows]
+                self.data[key][task, keep] = nxt[~follows]
+                continue
             self.data[key][task, idx] = np.asarray(transitions[key], dt).reshape((n,) + shp)
         for mirror in self.mirrors:
             mirror.write(task, idx)
@@ -142,7 +178,15 @@ class TaskBuffers:
 
     def gather(self, tasks, idx: np.ndarray, keys=FIELDS) -> dict[str, np.ndarray]:
         tasks = np.asarray(tasks, np.int64)
-        return {k: self.data[k][tasks[:, None], idx] for k in keys}
+        out = {k: self.data[k][tasks[:, None], idx] for k in keys if not (self.linked and k == "next_obs")}
+        if self.linked and "next_obs" in keys:
+            t = tasks[:, None]
+            follows = self.data[FOLLOWS][t, idx]
+            nxt = self.data["next_obs"][t, idx]
+            if follows.any():
+                nxt[follows] = self.data["obs"][t, (idx + 1) % self.capacity][follows]
+            out["next_obs"] = nxt
+        return out
 
     def sample(self, tasks, n: int, rng: np.random.Generator, keys=FIELDS) -> dict[str, np.ndarray]:
         """``n`` transitions per task (uniform, with replacement), arrays ``[M, n, dim]``."""
@@ -161,8 +205,13 @@ class TaskBuffers:
         wrapped, ``ptr == size``, or full), concatenated over tasks."""
         state = {
             "capacity": self.capacity, "size": self.size.copy(), "ptr": self.ptr.copy(),
-            "data": {k: np.concatenate([v[t, : self.size[t]] for t in range(self.num_tasks)]) for k, v in self.data.items()},
+            "data": {k: np.concatenate([v[t, : self.size[t]] for t in range(self.num_tasks)]) for k, v in self.data.items()
+                     if not (self.linked and k == "next_obs")},
         }
+        if self.linked:  # only the frames that are not the following row's obs
+            state["data"]["next_obs"] = np.concatenate(
+                [self.data["next_obs"][t, : self.size[t]][~self.data[FOLLOWS][t, : self.size[t]]]
+                 for t in range(self.num_tasks)])
         if self.store_starts:
             state.update(starts=np.concatenate([self.starts[t, : self.start_size[t]] for t in range(self.num_tasks)]),
                          start_size=self.start_size.copy(), start_ptr=self.start_ptr.copy())
@@ -187,8 +236,15 @@ class TaskBuffers:
         self.ptr[:] = ptr
         bounds = np.concatenate([[0], np.cumsum(size)])
         for k, v in state["data"].items():
+            if self.linked and k == "next_obs":
+                continue
             for t in range(self.num_tasks):
                 self.data[k][t, : size[t]] = v[bounds[t]: bounds[t + 1]]
+        if self.linked:
+            own = [~self.data[FOLLOWS][t, : size[t]] for t in range(self.num_tasks)]
+            nb = np.concatenate([[0], np.cumsum([int(o.sum()) for o in own])])
+            for t in range(self.num_tasks):
+                self.data["next_obs"][t, np.nonzero(own[t])[0]] = state["data"]["next_obs"][nb[t]: nb[t + 1]]
         if self.store_starts:
             ssize = np.asarray(state["start_size"], np.int64)
             sptr = np.asarray(state["start_ptr"], np.int64)
@@ -205,7 +261,7 @@ class TaskBuffers:
             mirror.sync()
 
 
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.uint8): torch.uint8}
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.uint8): torch.uint8, np.dtype(np.bool_): torch.bool}
 
 
 class DeviceMirror:
@@ -216,7 +272,11 @@ class DeviceMirror:
     grows by doubling up to the host's, so unused capacity costs no device memory."""
 
     def __init__(self, host: TaskBuffers, device, keys=FIELDS):
-        self.host, self.device, self.keys = host, torch.device(device), tuple(dict.fromkeys(keys))
+        keys = tuple(dict.fromkeys(keys))
+        self.wanted = keys
+        if host.linked and "next_obs" in keys:  # the next frame comes from the following row
+            keys = tuple(dict.fromkeys(keys + ("obs", FOLLOWS)))
+        self.host, self.device, self.keys = host, torch.device(device), keys
         self.alloc = 0
         self.data: dict[str, torch.Tensor] = {}
         host.mirrors.append(self)
@@ -225,7 +285,10 @@ class DeviceMirror:
     @staticmethod
     def full_bytes(host: TaskBuffers, keys=FIELDS) -> int:
         """Device memory of a mirror of ``keys`` once it has grown to the host capacity."""
-        row = sum(int(np.prod(host.layout[k][0])) * host.layout[k][1].itemsize for k in dict.fromkeys(keys))
+        keys = tuple(dict.fromkeys(keys))
+        if host.linked and "next_obs" in keys:
+            keys = tuple(dict.fromkeys(keys + ("obs", FOLLOWS)))
+        row = sum(int(np.prod(host.layout[k][0])) * host.layout[k][1].itemsize for k in keys)
         return host.num_tasks * host.capacity * row
 
     def _grow(self, need: int) -> None:
@@ -266,7 +329,13 @@ class DeviceMirror:
         device) as device tensors ``[M, n, ...]``."""
         t = tasks if isinstance(tasks, torch.Tensor) else torch.as_tensor(np.asarray(tasks, np.int64), device=self.device)
         i = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx, device=self.device)
-        return {k: self.data[k][t[:, None], i] for k in self.keys}
+        out = {k: self.data[k][t[:, None], i] for k in self.wanted}
+        if self.host.linked and "next_obs" in self.wanted:
+            follows = self.data[FOLLOWS][t[:, None], i]
+            following = self.data["obs"][t[:, None], (i + 1) % self.host.capacity]
+            shape = follows.shape + (1,) * (following.dim() - follows.dim())
+            out["next_obs"] = torch.where(follows.view(shape), following, out["next_obs"])
+        return out
 
 
 class EncoderBuffers(TaskBuffers):

@@ -468,7 +468,7 @@ class Trainer:
         per_step = self.time_gradient_step()
         left = max(cfg.num_iterations - self.iteration, 0)
         total = per_step * cfg.num_train_steps_per_itr * left
-        full = sum(b.nbytes for b in (self.rl_buf, self.enc_buf, self.smp_buf))
+        full = sum(b.stored_bytes(cfg.max_path_length) for b in (self.rl_buf, self.enc_buf, self.smp_buf))
         line = (f"estimate: {format_duration(total)} for {left} iterations of gradient steps alone "
                 f"({per_step * 1e3:.1f} ms per step x {cfg.num_train_steps_per_itr:,} per iteration on {self.device}; "
                 f"collection and evaluation add to it); checkpoints grow to about {_fmt_bytes(full)} as the buffers fill")
