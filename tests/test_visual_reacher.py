@@ -312,3 +312,29 @@ def test_tiny_train_run_other_relabelers(relabel, tmp_path):
                          str(tmp_path / "run"), "--no-tensorboard", "--progress", "off", "--num-iterations", "1",
                          "--num-train-steps-per-itr", "2", "--keep-original-prob", "0"])
     assert code == 0, out.getvalue()
+
+
+def test_image_run_resumes_exactly_and_checkpoints_hold_each_frame_once(tmp_path):
+    """Image buffers keep one next frame per path (the checkpoint's next_obs rows are the path
+    ends), and resuming from the iteration-1 checkpoint reproduces the uninterrupted run."""
+    import csv
+
+    import torch
+
+    run = tmp_path / "run"
+    args = ["train", "visual-reacher", "--preset", "quick", "--relabel", "hfr", "--run-dir", str(run), "--no-tensorboard",
+            "--progress", "off", "--num-iterations", "2", "--num-train-steps-per-itr", "3", "--checkpoint-every", "1",
+            "--keep-checkpoints", "2", "--device-buffers", "on", "--eval-runs", "1", "--num-eval-train-tasks", "0"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(args) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    full = strip(list(csv.DictReader(open(run / "progress.csv"))))
+    body = torch.load(run / "checkpoints" / "ckpt_000002.pt", weights_only=True)
+    rl = body["payload"]["buffers"]["rl"]["data"]
+    assert len(rl["next_obs"]) < len(rl["obs"]) / 5  # one frame per path end (paths of 50 steps, some shorter)
+    for p in (run / "checkpoints").iterdir():
+        if not p.name.startswith("ckpt_000001."):
+            p.unlink()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["resume", str(run), "--progress", "off", "--no-tensorboard"]) == 0
+    assert strip(list(csv.DictReader(open(run / "progress.csv")))) == full
