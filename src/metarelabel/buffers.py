@@ -69,6 +69,19 @@ def _layout(obs_dim, act_dim, obs_shape, obs_dtype) -> dict[str, tuple[tuple[int
     return out
 
 
+def stored_row_bytes(obs_dim: int, act_dim: int, obs_shape=None, obs_dtype=np.float32, path_length: int = 1,
+                     with_starts: bool = False) -> float:
+    """Checkpoint bytes per stored transition (an image layout keeps one next frame per path;
+    ``with_starts`` adds the RL buffer's start observation per path)."""
+    layout = _layout(obs_dim, act_dim, obs_shape, obs_dtype)
+    per = float(sum(int(np.prod(shp)) * dt.itemsize for shp, dt in layout.values()))
+    frame = int(np.prod(layout["obs"][0])) * layout["obs"][1].itemsize
+    H = max(int(path_length), 1)
+    if FOLLOWS in layout:
+        per -= frame * (1 - 1 / H)
+    return per + (frame / H if with_starts else 0.0)
+
+
 class TaskBuffers:
     """Per-task ring buffers of transitions.
 
@@ -100,6 +113,7 @@ class TaskBuffers:
     @staticmethod
     def bytes_needed(num_tasks: int, capacity: int, obs_dim: int, act_dim: int, store_starts: bool = False,
                      obs_shape: tuple[int, ...] | None = None, obs_dtype=np.float32) -> int:
+        """Bytes of full buffers as allocated (reserved; committed as data arrives)."""
         layout = _layout(obs_dim, act_dim, obs_shape, obs_dtype)
         per = sum(int(np.prod(shp)) * dt.itemsize for shp, dt in layout.values())
         if store_starts:
@@ -111,14 +125,6 @@ class TaskBuffers:
     def nbytes(self) -> int:
         total = sum(a.nbytes for a in self.data.values())
         return total + (self.starts.nbytes if self.store_starts else 0)
-
-    def stored_bytes(self, path_length: int) -> int:
-        """Bytes of the full buffer in a checkpoint, with paths of ``path_length`` steps (an
-        image layout keeps one ``next_obs`` frame per path)."""
-        total = self.nbytes
-        if self.linked:
-            total -= int(self.data["next_obs"].nbytes * (1 - 1 / max(int(path_length), 1)))
-        return total
 
     # ---- writing --------------------------------------------------------------------------
     def add(self, task: int, transitions: dict[str, np.ndarray], start_obs: np.ndarray | None = None) -> None:

@@ -77,6 +77,24 @@ class Visit(Job):
             self._pending = []
 
 
+def checkpoint_bytes(cfg: Config, num_tasks: int, obs_dim: int, act_dim: int, obs_shape=None) -> float:
+    """About the size of a run's last checkpoint: what its buffers hold by then (every path
+    collected, up to the RL buffers' capacity; the encoder and sampler buffers' contents),
+    networks excluded."""
+    from .buffers import stored_row_bytes
+
+    caps = cfg.buffer_capacities(num_tasks)
+    H = cfg.max_path_length
+    visit = cfg.num_steps_prior + cfg.num_steps_posterior + cfg.num_extra_rl_steps_posterior
+    collected = cfg.num_initial_steps * num_tasks + cfg.num_iterations * cfg.num_tasks_sample * visit
+    rows = {"rl": min(collected, num_tasks * caps["rl"]),
+            "encoder": min(collected, num_tasks * caps["encoder"]),
+            "sampler": min(collected, num_tasks * caps["sampler"])}
+    kw = dict(obs_shape=obs_shape, obs_dtype=np.uint8) if obs_shape is not None else {}
+    return sum(n * stored_row_bytes(obs_dim, act_dim, path_length=H, with_starts=name == "rl", **kw)
+               for name, n in rows.items())
+
+
 def format_duration(seconds: float) -> str:
     """``42s``, ``12m05s``, ``3h20m``."""
     s = int(round(max(seconds, 0.0)))
@@ -468,10 +486,11 @@ class Trainer:
         per_step = self.time_gradient_step()
         left = max(cfg.num_iterations - self.iteration, 0)
         total = per_step * cfg.num_train_steps_per_itr * left
-        full = sum(b.stored_bytes(cfg.max_path_length) for b in (self.rl_buf, self.enc_buf, self.smp_buf))
+        full = checkpoint_bytes(cfg, self.num_tasks, self.rl_buf.obs_dim, self.rl_buf.act_dim,
+                                self.dims.obs_shape if self.dims.image else None)
         line = (f"estimate: {format_duration(total)} for {left} iterations of gradient steps alone "
                 f"({per_step * 1e3:.1f} ms per step x {cfg.num_train_steps_per_itr:,} per iteration on {self.device}; "
-                f"collection and evaluation add to it); checkpoints grow to about {_fmt_bytes(full)} as the buffers fill")
+                f"collection and evaluation add to it); the last checkpoint will be about {_fmt_bytes(full)}")
         return total, line
 
     def train_steps(self, n: int) -> dict[str, float]:
