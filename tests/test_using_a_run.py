@@ -244,3 +244,16 @@ def test_readme_synopsis_lists_every_option():
                 if opt.startswith("--") and opt not in ("--help",) and opt not in config_flags and opt not in text:
                     missing.append(f"{name} {opt}")
     assert not missing, f"README synopsis misses: {missing}"
+
+
+def test_sweep_prints_starts_progress_and_eta(tmp_path):
+    from metarelabel.sweep import expand, run_local
+
+    specs = expand(["four-corners"], ["none", "hfr"], [0], "quick", str(tmp_path),
+                   fixed={"num_iterations": "2", "num_train_steps_per_itr": "5"})
+    lines = []
+    run_local(specs, workers=1, echo=lines.append, heartbeat=0.3)
+    assert any(ln.startswith("start four-corners/none/s0 (new; log ") for ln in lines), lines
+    first = next(ln for ln in lines if ln.startswith("[1/2]"))
+    assert re.search(r"\| 1/2 runs done, \d+s elapsed, eta \d+s$", first), first
+    assert any(re.fullmatch(r"sweep: [01]/2 runs done, \d+s elapsed(, eta \d+s)?", ln) for ln in lines), lines

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,7 +247,17 @@ class Progress:
         if result["status"].startswith("failed"):
             why = f": {last_line(result['log']) or '(empty log)'} (log {result['log']})"
         self.echo(f"[{len(self.done)}/{self.total}] {result['label']}: {result['status']} "
-                  f"({result['seconds']:.0f}s){final}{why}")
+                  f"({result['seconds']:.0f}s){final}{why} | {self.status()}")
+
+    def status(self) -> str:
+        """``k/N runs done, elapsed, eta`` (the ETA from the runs that ran here, not skipped ones)."""
+        from .trainer import format_duration
+
+        elapsed = time.perf_counter() - self.t0
+        ran = [r for r in self.done if r["status"] not in ("skipped", "not started")]
+        left = self.total - len(self.done)
+        eta = f", eta {format_duration(elapsed / len(ran) * left)}" if ran and left else ""
+        return f"{len(self.done)}/{self.total} runs done, {format_duration(elapsed)} elapsed{eta}"
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -258,7 +268,8 @@ class Progress:
         return f"sweep: {len(self.done)}/{self.total} runs ({parts}) in {time.perf_counter() - self.t0:.0f}s"
 
 
-def run_local(specs: list[RunSpec], workers: int, echo=print, restart: frozenset = frozenset()) -> list[dict]:
+def run_local(specs: list[RunSpec], workers: int, echo=print, restart: frozenset = frozenset(),
+              heartbeat: float = 600.0) -> list[dict]:
     """Run ``specs`` on a pool of ``workers``; ``restart``: labels to start anew.  SIGINT or
     SIGTERM stops the runs (resumably) and starts no more."""
     children = Children()
@@ -267,9 +278,13 @@ def run_local(specs: list[RunSpec], workers: int, echo=print, restart: frozenset
     old = {s: signal.signal(s, children.stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(execute, s, s.label in restart, children, echo) for s in specs]
-            for fut in as_completed(futures):
-                progress.update(fut.result())
+            pending = {pool.submit(execute, s, s.label in restart, children, echo) for s in specs}
+            while pending:  # a status line every `heartbeat` seconds while runs go on
+                done, pending = wait(pending, timeout=heartbeat, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    progress.update(fut.result())
+                if not done:
+                    echo(f"sweep: {progress.status()}")
     finally:
         for s, h in old.items():
             signal.signal(s, h)
