@@ -40,22 +40,27 @@ def hovering_path(env, quadrant: int, steps: int = 20) -> Path:
                 task=int(quadrant))
 
 
-def agent_trajectories(trainer, task: int, exploration: int = 2, total: int = 4):
-    """Positions of ``total`` trajectories on ``task``: the first ``exploration`` with z ~ prior,
-    then z from the posterior of all context so far (the meta-test protocol, deterministic)."""
+def agent_trajectories(trainer, task: int, exploration: int | None = None, steps: int | None = None):
+    """The trajectories of the run's meta-test protocol on ``task`` (deterministic policy):
+    the first ``exploration`` (default: the run's ``exploration_trajectories``) with z ~ prior,
+    then z from the posterior of all context so far, until ``steps`` transitions (default: the
+    run's ``eval_steps``)."""
     env, agent, cfg = trainer.evaluator.env, trainer.agent, trainer.cfg
+    exploration = cfg.exploration_trajectories if exploration is None else exploration
+    steps = cfg.eval_steps if steps is None else steps
     env.set_task(task)
-    contexts, paths = [], []
-    for k in range(total):
-        if k < exploration:
+    contexts, paths, n = [], [], 0
+    while n < steps:
+        if len(paths) < exploration:
             z = agent.prior_z()
         else:
             ctx = torch.as_tensor(np.concatenate(contexts)[None], device=agent.device)
             with torch.no_grad():
                 z = agent.sample_z(*agent.infer_posterior(ctx))
         p = rollout(env, agent, z, cfg.max_path_length, deterministic=True)
-        contexts.append(path_context(p, p.rewards, cfg.use_next_obs_in_context))
+        contexts.append(path_context(p, getattr(p, cfg.context_reward_key), cfg.use_next_obs_in_context))
         paths.append(p)
+        n += len(p)
     return paths
 
 
@@ -120,7 +125,10 @@ def didactic_figure(run_dir, out, quadrant: int = 1, echo=print) -> FsPath:
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
-    ax.set_title(f"goals, -3 squares, agent after {int(body['iteration'])} iterations (last trajectory)", fontsize=9)
+    n_traj = ", ".join(str(len(trajs[k])) for k in range(trainer.num_tasks))
+    ax.set_title(f"goals, -3 squares, agent after {int(body['iteration'])} iterations: last trajectory of the\n"
+                 f"meta-test protocol ({trainer.cfg.exploration_trajectories} exploration, {n_traj} in all; "
+                 f"{trainer.cfg.eval_steps} steps)", fontsize=9)
     width = 0.38
     idx = np.arange(trainer.num_tasks)
     bx.bar(idx - width / 2, q["hfr"], width, label="HFR", color="tab:purple")
