@@ -51,8 +51,9 @@ class RunLock:
             import fcntl
         except ImportError:  # no POSIX locks on this platform: one writer is the user's job
             return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # the lock is held on a read-only descriptor: no file of the run stays open for writing
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644))
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
             raise RunDirError(f"cannot write to run directory {self.run_dir}: {exc.strerror}") from None
         try:
@@ -62,8 +63,12 @@ class RunLock:
             os.close(fd)
             raise RunDirError(f"run directory {self.run_dir} is in use by another metarelabel process "
                               f"(PID {holder}); stop it or wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            with open(self.path, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+        except OSError as exc:
+            os.close(fd)
+            raise RunDirError(f"cannot write to run directory {self.run_dir}: {exc.strerror}") from None
         self.fd = fd
 
     def release(self) -> None:

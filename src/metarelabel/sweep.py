@@ -97,8 +97,12 @@ def mismatches(specs: list[RunSpec]) -> dict[str, list[str]]:
 def mismatch_error(found: dict[str, list[str]], root: str) -> ConfigError:
     fields = sorted({d.split(" ")[0] for ds in found.values() for d in ds})
     first, diffs = next(iter(found.items()))
+
+    def some(items, n=6):
+        return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
     return ConfigError(f"sweep: {len(found)} run(s) under {root} were made with another config "
-                       f"(fields {', '.join(fields)}; e.g. {first}: {', '.join(diffs)}); "
+                       f"(fields {some(fields)}; e.g. {first}: {some(diffs, 4)}); "
                        "use another --root, or --restart-mismatched to start those runs anew")
 
 
