@@ -314,3 +314,19 @@ def test_hovering_path_and_didactic_figure(tmp_path, capsys):
     assert set(qs) == {"HFR", "HIPI"}
     code, out, err = run_main(["didactic", tmp_path / "nope"], capsys)
     assert code == 2 and "Traceback" not in err
+
+
+def test_results_runs_are_not_git_ignored():
+    """The per-seed files behind docs/results.md must be committable (`runs/` is ignored elsewhere)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = ["docs/results/runs/four-corners/hfr/s0/progress.csv", "docs/results/pilots/x/s0/config.json"]
+    proc = subprocess.run(["git", "-C", str(root), "check-ignore", *probe], capture_output=True, text=True)
+    assert proc.stdout.strip() == "", f"ignored: {proc.stdout}"
+    proc = subprocess.run(["git", "-C", str(root), "check-ignore", "runs/x/progress.csv", "src/runs/a"],
+                          capture_output=True, text=True)
+    assert len(proc.stdout.split()) == 2  # run directories elsewhere stay ignored
