@@ -18,15 +18,7 @@ from metarelabel.envs import family_names, make_family
 from metarelabel.errors import MetaRelabelError
 from metarelabel.pearl import make_dims
 from metarelabel.presets import make_config
-from metarelabel.trainer import checkpoint_bytes
-
-
-def fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from metarelabel.trainer import format_bytes as fmt, checkpoint_bytes
 
 
 def size(family: str, preset: str) -> str:

@@ -120,9 +120,8 @@ def prepare_run_dir(run_dir, overwrite: bool) -> RunLock:
             raise RunDirError(f"run directory {run_dir} already exists (use --overwrite, `metarelabel resume`, or another --run-dir)")
         if not (run_dir / "config.json").exists():
             raise RunDirError(f"refusing to overwrite {run_dir}: it is not a metarelabel run directory")
-        lock = RunLock(run_dir)
+        lock = _lock_writable(run_dir)
         try:
-            probe_writable(run_dir)
             for p in old:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         except BaseException:
@@ -133,13 +132,7 @@ def prepare_run_dir(run_dir, overwrite: bool) -> RunLock:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"cannot write to run directory {run_dir}: {exc.strerror}") from None
-    lock = RunLock(run_dir)
-    try:
-        probe_writable(run_dir)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+    return _lock_writable(run_dir)
 
 
 def open_run(run_dir) -> RunLock:
@@ -147,6 +140,11 @@ def open_run(run_dir) -> RunLock:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise RunDirError(f"{run_dir} is not a metarelabel run directory (no config.json)")
+    return _lock_writable(run_dir)
+
+
+def _lock_writable(run_dir: Path) -> RunLock:
+    """The run's lock, once every folder of it has been found writable."""
     lock = RunLock(run_dir)
     try:
         probe_writable(run_dir)

@@ -105,7 +105,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -187,8 +187,8 @@ class Trainer:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             if need > free // 2:
-                msg = (f"the device buffers could need {_fmt_bytes(need)} at full capacity, more than half of the "
-                       f"{_fmt_bytes(free)} free on {self.device}")
+                msg = (f"the device buffers could need {format_bytes(need)} at full capacity, more than half of the "
+                       f"{format_bytes(free)} free on {self.device}")
                 if cfg.device_buffers == "on":
                     raise ConfigError(f"device_buffers: {msg}; use --device-buffers off or a smaller replay_buffer_size")
                 self.echo(f"warning: {msg}; gathering minibatches on the host instead")
@@ -205,9 +205,9 @@ class Trainer:
         return (f"buffers: {self.num_tasks} tasks x (RL {self.caps['rl']:,} + encoder {self.caps['encoder']:,} + "
                 f"sampler {self.caps['sampler']:,}) transitions"
                 + (f" + {self.visit_buf.num_tasks} visits x {self.caps['sampler']:,}" if self.visit_buf is not None else "")
-                + f", {kind}: {_fmt_bytes(reserved)} reserved "
+                + f", {kind}: {format_bytes(reserved)} reserved "
                 f"(committed as data arrives)"
-                + (f"; device mirror on {self.device}: up to {_fmt_bytes(self._mirror_bytes)}" if self.rl_mirror else ""))
+                + (f"; device mirror on {self.device}: up to {format_bytes(self._mirror_bytes)}" if self.rl_mirror else ""))
 
     def start(self) -> None:
         """Write config and run metadata into a fresh run directory."""
@@ -490,7 +490,7 @@ class Trainer:
                                 self.dims.obs_shape if self.dims.image else None)
         line = (f"estimate: {format_duration(total)} for {left} iterations of gradient steps alone "
                 f"({per_step * 1e3:.1f} ms per step x {cfg.num_train_steps_per_itr:,} per iteration on {self.device}; "
-                f"collection and evaluation add to it); the last checkpoint will be about {_fmt_bytes(full)}")
+                f"collection and evaluation add to it); the last checkpoint will be about {format_bytes(full)}")
         return total, line
 
     def train_steps(self, n: int) -> dict[str, float]:
@@ -678,7 +678,7 @@ class Trainer:
                              self.run_id, failed=failed)
             self.last_checkpoint = {"path": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
             if not failed:
-                self.echo(f"checkpoint {path.name}: {_fmt_bytes(self.last_checkpoint['bytes'])} "
+                self.echo(f"checkpoint {path.name}: {format_bytes(self.last_checkpoint['bytes'])} "
                           f"in {self.last_checkpoint['seconds']:.2f}s")
             return path
         except OSError as exc:
