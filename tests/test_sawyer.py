@@ -460,3 +460,21 @@ def test_quick_train_run(mw, family, tmp_path):
     out, rows = quick_hfr_run(family, tmp_path / "run")
     assert "meta_test/success_rate" in rows[0] and "meta_test/return" in out
 
+
+
+@metaworld_test
+def test_render_a_sawyer_family(mw, tmp_path):
+    import contextlib
+    import io
+
+    imageio = pytest.importorskip("imageio.v2")
+    from metarelabel.cli import main as cli_main
+
+    run = tmp_path / "sr"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["train", "sawyer-reach", "--preset", "quick", "--num-iterations", "1",
+                         "--num-train-steps-per-itr", "2", "--max-path-length", "30", "--eval-steps", "60",
+                         "--progress", "off", "--no-tensorboard", "--run-dir", str(run)]) == 0
+        assert cli_main(["render", str(run), "--out", str(tmp_path / "sr.gif")]) == 0
+    frames = list(imageio.get_reader(tmp_path / "sr.gif"))
+    assert len(frames) >= 30 and np.std(frames[len(frames) // 2]) > 10

@@ -142,14 +142,21 @@ def _animate(env, agent, task: int, handles, out: Path) -> None:
     frames: list[np.ndarray] = []
     seen: list[dict] = []
 
+    # a fixed overview camera where the model has one (Meta-World's "corner"), else a free
+    # camera following the first body
+    names = [model.camera(i).name for i in range(model.ncam)]
+    fixed = "corner" if "corner" in names else None
+
     def on_step(env_, rec):
         if not seen or seen[-1] is not rec:
             seen.append(rec)
         if len(frames) >= MAX_FRAMES:
             return
-        cam.lookat[:] = data.xpos[body]
-        renderer.update_scene(data, camera=cam)
-        img = renderer.render().copy()
+        if fixed is None:
+            cam.lookat[:] = data.xpos[body]
+        renderer.update_scene(data, camera=fixed or cam)
+        img = renderer.render()
+        img = (img[::-1] if fixed else img).copy()  # Meta-World's corner camera is mounted upside down
         kind = "exploration" if rec["exploration"] else "adapted"
         frames.append(_caption(img, f"traj {len(seen)} {kind}  return {rec['return']:.1f}"))
 
