@@ -304,7 +304,7 @@ def plot_family(fam: str, groups: dict[str, list[dict]], out: Path, reps: int, s
     np.atleast_1d(axes)[0].legend(fontsize=8)
     seed_txt = "/".join(map(str, seeds))
     smooth_txt = f"; each run smoothed over its last {smooth} evaluations" if smooth > 1 else ""
-    fig.suptitle(f"{fam}: {CI_METHOD}, {seed_txt} seeds per strategy{smooth_txt}", fontsize=10)
+    fig.suptitle(f"{fam}: {CI_METHOD}, {seed_txt} seed{'' if seeds == [1] else 's'} per strategy{smooth_txt}", fontsize=10)
     height = fig.get_figheight()
     for i, note in enumerate(notes):  # one line each, below the axes
         fig.text(0.01, (0.08 + 0.28 * i) / height, note, fontsize=7.5,
