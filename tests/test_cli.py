@@ -48,7 +48,8 @@ def test_train_then_eval(family, tmp_path, capsys):
     pts = list((run / "checkpoints").glob("*.pt"))
     assert pts and all(p.with_suffix(".json").exists() for p in pts)
     assert any(p.name == "ckpt_000002.pt" for p in pts)
-    assert "meta_test/return" in out.splitlines()[-1]
+    last = [ln for ln in out.splitlines() if ln.startswith("done in ")]
+    assert len(last) == 1 and "meta_test/return final" in last[0] and out.splitlines()[-1].startswith("next: metarelabel eval")
 
     code, out, err = run_main(["eval", run], capsys)
     assert code == 0, err
