@@ -89,14 +89,16 @@ def mismatches(specs: list[RunSpec]) -> dict[str, list[str]]:
             out[spec.label] = ["config.json unreadable"]
             continue
         diffs = config_differences(have, wanted_config(spec))
-        if diffs:
-            out[spec.label] = diffs
+        if diffs:  # the preset and the sweep's own --set/--grid fields first: they are why
+            first = {"preset", *(k for k, _ in spec.overrides)}
+            out[spec.label] = sorted(diffs, key=lambda d: d.split(" ")[0] not in first)
     return out
 
 
 def mismatch_error(found: dict[str, list[str]], root: str) -> ConfigError:
-    fields = sorted({d.split(" ")[0] for ds in found.values() for d in ds})
     first, diffs = next(iter(found.items()))
+    fields = list(dict.fromkeys([d.split(" ")[0] for d in diffs]
+                                + sorted({d.split(" ")[0] for ds in found.values() for d in ds})))
 
     def some(items, n=6):
         return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
