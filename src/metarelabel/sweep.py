@@ -26,6 +26,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ConfigError
 from .rundir import PARENT_ENV, holder_pid
 
@@ -236,6 +238,7 @@ def expand(families, relabels, seeds, preset: str, root: str, grid: dict[str, li
 class Progress:
     total: int
     echo: callable = print
+    workers: int = 1
     done: list = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -256,13 +259,15 @@ class Progress:
                   f"({result['seconds']:.0f}s){final}{why} | {self.status()}")
 
     def status(self) -> str:
-        """``k/N runs done, elapsed, eta`` (the ETA from the runs that ran here, not skipped ones)."""
+        """``k/N runs done, elapsed, eta``: the ETA is the mean time of the runs that ran here
+        (not skipped ones) times the runs left, over the parallel workers (rough: it ignores
+        how far the running ones are)."""
         from .trainer import format_duration
 
         elapsed = time.perf_counter() - self.t0
-        ran = [r for r in self.done if r["status"] not in ("skipped", "not started")]
+        ran = [r["seconds"] for r in self.done if r["status"] not in ("skipped", "not started")]
         left = self.total - len(self.done)
-        eta = f", eta {format_duration(elapsed / len(ran) * left)}" if ran and left else ""
+        eta = f", eta {format_duration(np.mean(ran) * left / max(self.workers, 1))}" if ran and left else ""
         return f"{len(self.done)}/{self.total} runs done, {format_duration(elapsed)} elapsed{eta}"
 
     def summary(self) -> str:
@@ -279,7 +284,7 @@ def run_local(specs: list[RunSpec], workers: int, echo=print, restart: frozenset
     """Run ``specs`` on a pool of ``workers``; ``restart``: labels to start anew.  SIGINT or
     SIGTERM stops the runs (resumably) and starts no more."""
     children = Children()
-    progress = Progress(len(specs), echo)
+    progress = Progress(len(specs), echo, workers)
     in_main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, children.stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
@@ -316,7 +321,7 @@ def run_ray(specs: list[RunSpec], address: str | None, cpus_per_run: float = 1.0
         else:
             ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
     remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run)(execute)
-    progress = Progress(len(specs), echo)
+    progress = Progress(len(specs), echo, int(num_cpus // cpus_per_run) if num_cpus else 1)
     pending = {remote.remote(s, s.label in restart): s for s in specs}
     try:
         while pending:
