@@ -96,7 +96,7 @@ def export_agent(run_dir, out, checkpoint=None) -> Path:
             "provenance": provenance()}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        ckpt._write_atomic(out, lambda fh: torch.save(body, fh))
+        ckpt.write_atomic(out, lambda fh: torch.save(body, fh))
     except OSError as exc:
         raise RunDirError(f"cannot write {out}: {exc.strerror}") from None
     return out

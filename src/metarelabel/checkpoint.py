@@ -69,7 +69,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -90,10 +90,10 @@ def save(ckpt_dir, iteration: int, payload: dict, keep: int, run_id: str, failed
     path = ckpt_dir / f"ckpt_{iteration:06d}.pt"
     body = {"format": FORMAT, "version": VERSION, "run_id": run_id, "iteration": iteration, "failed": failed,
             "payload": to_storable(payload)}
-    _write_atomic(path, lambda fh: torch.save(body, fh))
+    write_atomic(path, lambda fh: torch.save(body, fh))
     manifest = {"format": FORMAT, "version": VERSION, "run_id": run_id, "iteration": iteration,
                 "failed": failed, "sha256": _sha256(path), "bytes": path.stat().st_size}
-    _write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
+    write_atomic(path.with_suffix(".json"), lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
     if not failed:
         for old in list_checkpoints(ckpt_dir)[:-keep]:
             old.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 import uuid
 from pathlib import Path as FsPath
@@ -93,6 +92,11 @@ def checkpoint_bytes(cfg: Config, num_tasks: int, obs_dim: int, act_dim: int, ob
     kw = dict(obs_shape=obs_shape, obs_dtype=np.uint8) if obs_shape is not None else {}
     return sum(n * stored_row_bytes(obs_dim, act_dim, path_length=H, with_starts=name == "rl", **kw)
                for name, n in rows.items())
+
+
+def _write_json(path: FsPath, obj: dict) -> None:
+    """``obj`` as indented JSON, written atomically (``checkpoint.write_atomic``)."""
+    ckpt.write_atomic(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def format_duration(seconds: float) -> str:
@@ -228,10 +232,8 @@ class Trainer:
             meta = {"run_id": self.run_id}
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         meta["final"] = {k: v for k, v in last.items() if k.startswith("meta_test/") and "by_trajectory" not in k}
-        tmp = path.with_suffix(".json.tmp")
         try:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
-            os.replace(tmp, path)
+            _write_json(path, meta)
         except OSError as exc:
             raise RunDirError(f"cannot write {path}: {exc.strerror}; the final checkpoint is intact") from None
 
@@ -246,10 +248,8 @@ class Trainer:
             meta.pop("finished", None)
             meta.setdefault("extended", []).append({"from": old, "to": num_iterations, "at_iteration": self.iteration,
                                                     "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            for name, text in (("config.json", self.cfg.to_json() + "\n"), ("run.json", json.dumps(meta, indent=2) + "\n")):
-                tmp = self.run_dir / (name + ".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, self.run_dir / name)
+            _write_json(self.run_dir / "config.json", self.cfg.to_dict())
+            _write_json(self.run_dir / "run.json", meta)
         except (OSError, json.JSONDecodeError) as exc:
             raise RunDirError(f"cannot record the new length in {self.run_dir}: {exc}") from None
 
@@ -481,7 +481,7 @@ class Trainer:
 
     def time_estimate(self) -> tuple[float, str]:
         """(seconds, line): the remaining iterations' gradient steps at the timed rate, and the
-        size a checkpoint reaches once the buffers are full."""
+        size of the run's last checkpoint (``checkpoint_bytes``)."""
         cfg = self.cfg
         per_step = self.time_gradient_step()
         left = max(cfg.num_iterations - self.iteration, 0)
