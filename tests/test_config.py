@@ -69,17 +69,25 @@ def test_preset_names_and_unknown():
 
 
 def test_cpu_preset():
-    """``cpu`` keeps the paper's reward scale, KL weight and evaluation episodes and shrinks the
-    compute; it exists only for the two families it was sized on."""
+    """``cpu`` keeps the paper's reward scale and evaluation episodes and shrinks the networks;
+    four-corners keeps the paper's collection rate and departs in discount and KL weight,
+    sparse-point-robot shrinks the collection; it exists only for the two families it was
+    sized on."""
     for fam in ("four-corners", "sparse-point-robot"):
         paper, cpu = make_config(fam, "paper"), make_config(fam, "cpu")
         assert cpu.preset == "cpu"
-        for f in ("reward_scale", "kl_lambda", "discount", "max_path_length", "eval_steps",
-                  "exploration_trajectories", "context_reward", "latent_dim"):
+        for f in ("reward_scale", "max_path_length", "eval_steps", "exploration_trajectories", "context_reward",
+                  "latent_dim", "num_steps_prior"):
             assert getattr(cpu, f) == getattr(paper, f), f
         assert (cpu.hidden_dim, cpu.encoder_hidden_dim, cpu.num_iterations) == (64, 64, 150)
-        assert cpu.num_train_steps_per_itr < paper.num_train_steps_per_itr
-    assert make_config("sparse-point-robot", "cpu").rl_reward == "dense"  # PEARL's recipe
+    fc, fc_paper = make_config("four-corners", "cpu"), make_config("four-corners", "paper")
+    assert (fc.discount, fc.kl_lambda) == (0.99, 25.0) and (fc_paper.discount, fc_paper.kl_lambda) == (0.9, 1.0)
+    for f in ("num_tasks_sample", "num_steps_posterior", "num_train_steps_per_itr"):
+        assert getattr(fc, f) == getattr(fc_paper, f), f
+    spr, spr_paper = make_config("sparse-point-robot", "cpu"), make_config("sparse-point-robot", "paper")
+    assert (spr.discount, spr.kl_lambda) == (spr_paper.discount, spr_paper.kl_lambda)
+    assert spr.num_train_steps_per_itr < spr_paper.num_train_steps_per_itr
+    assert spr.rl_reward == "dense"  # PEARL's recipe
     with pytest.raises(ConfigError, match="covers: four-corners, sparse-point-robot"):
         make_config("point-robot", "cpu")
 

@@ -526,7 +526,8 @@ class PEARL:
         eps_a = torch.randn_like(pmean)
         u = pmean + std * eps_a
         new_act = torch.tanh(u)
-        log_pi = (-0.5 * ((u - pmean) / std) ** 2 - plog_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        white = (u - pmean) / std  # eps_a up to rounding, as the reference computes it
+        log_pi = (-0.5 * (white * white) - plog_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_pi = log_pi - squash_log_det(u, new_act, pol.squash)
         v_out, v_hs = _mlp_forward(self.vf, x)
         v = v_out.squeeze(-1)
@@ -534,7 +535,7 @@ class PEARL:
         q_new, head = q2.min(0)
         v_err = v - (q_new - log_pi)
         vf_loss = (v_err * v_err).mean()
-        reg = cfg.policy_mean_reg * (pmean**2).mean() + cfg.policy_std_reg * (plog_std**2).mean()
+        reg = cfg.policy_mean_reg * (pmean * pmean).mean() + cfg.policy_std_reg * (plog_std * plog_std).mean()
         policy_loss = (log_pi - q_new).mean() + reg
 
         _mlp_backward(self.vf, v_hs, (v_err * (2.0 / n)).unsqueeze(-1), grads)
