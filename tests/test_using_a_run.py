@@ -257,3 +257,15 @@ def test_sweep_prints_starts_progress_and_eta(tmp_path):
     first = next(ln for ln in lines if ln.startswith("[1/2]"))
     assert re.search(r"\| 1/2 runs done, \d+s elapsed, eta \d+s$", first), first
     assert any(re.fullmatch(r"sweep: [01]/2 runs done, \d+s elapsed(, eta \d+s)?", ln) for ln in lines), lines
+
+
+def test_sweep_progress_counts_only_finished_runs_and_drops_the_eta_when_stopping():
+    """A stopped sweep accounts for runs it never started: they are not "done", and an ETA
+    for them would be meaningless."""
+    from metarelabel.sweep import Progress
+
+    p = Progress(total=4, echo=lambda *_: None, workers=2)
+    p.done = [{"status": "done", "seconds": 60.0}, {"status": "skipped", "seconds": 0.0}]
+    assert re.fullmatch(r"2/4 runs done, \d+s elapsed, eta 1m00s", p.status()), p.status()
+    p.done += [{"status": "stopped (resumable)", "seconds": 30.0}, {"status": "not started", "seconds": 0.0}]
+    assert re.fullmatch(r"2/4 runs done, \d+s elapsed", p.status()), p.status()

@@ -267,8 +267,12 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         ran = [r["seconds"] for r in self.done if r["status"] not in ("skipped", "not started")]
         left = self.total - len(self.done)
-        eta = f", eta {format_duration(np.mean(ran) * left / max(self.workers, 1))}" if ran and left else ""
-        return f"{len(self.done)}/{self.total} runs done, {format_duration(elapsed)} elapsed{eta}"
+        # once the sweep is stopping, runs are accounted for without finishing: no ETA then
+        stopping = any(r["status"] == "not started" or r["status"].startswith("stopped") for r in self.done)
+        finished = sum(r["status"] in ("done", "resumed", "skipped") for r in self.done)
+        eta = (f", eta {format_duration(np.mean(ran) * left / max(self.workers, 1))}"
+               if ran and left and not stopping else "")
+        return f"{finished}/{self.total} runs done, {format_duration(elapsed)} elapsed{eta}"
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
