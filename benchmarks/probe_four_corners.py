@@ -8,7 +8,17 @@ shows a goal make the posterior policy reach that goal?  Prints a table; asserts
 - hand-made context: for each task k, one straight walk from the origin into corner k (its
   rewards under task k: -1 / -3 on the way, 0 and terminal at the goal); z ~ the posterior given
   that context; ``--trajectories`` deterministic rollouts; the fraction that reach goal k, the
-  posterior's std and its mean's distance to the other tasks' means.
+  posterior's std and its mean's distance to the other tasks' means;
+- reward-swapped walks: the walk into corner j with the rewards of task k (for k != j: "went to
+  j and found no goal there"); the fraction of ``--trajectories // 5`` posterior rollouts that
+  end at corner j.  High off the diagonal means the encoder reads *where the context went*, not
+  its rewards;
+- exploration: the meta-test protocol replayed (``eval_steps`` per (task, run), the first
+  ``exploration_trajectories`` with an exploration z, then z from the posterior of all context so
+  far, re-inferred after each trajectory; success = some post-exploration trajectory reaches the
+  goal) with the exploration z drawn from the prior, as the protocol does, and instead from the
+  posteriors of the four hand-made walks (one task hypothesis per trajectory, in random order):
+  how much of the gap to full success is the exploration's.
 """
 from __future__ import annotations
 
@@ -84,6 +94,66 @@ def main() -> None:
             hits += reached(rollout(env, agent, z, cfg.max_path_length, deterministic=True)) == k
         others = [float((mu - m).norm()) for j, (m, _) in enumerate(post) if j != k]
         print(f"{k:>4} {hits / n:>13.2f} {float(var.sqrt().mean()):>14.4f} {np.mean(others):>20.3f}")
+
+    m = max(1, n // 5)
+    print(f"walk into corner j, rewards of task k: fraction of {m} posterior rollouts ending at corner j")
+    print("  j\\k " + " ".join(f"{k:>5}" for k in range(N)))
+    for j in range(N):
+        w, row = walk(env, j), []
+        for k in range(N):
+            r = env.reward(w.infos, [k])[0][0]
+            ctx = torch.as_tensor(path_context(w, r, cfg.use_next_obs_in_context)[None])
+            with torch.no_grad():
+                mu, var = agent.infer_posterior(ctx)
+            row.append(np.mean([reached(rollout(env, agent, agent.sample_z(mu, var), cfg.max_path_length,
+                                                deterministic=True)) == j for _ in range(m)]))
+        print(f"  {j:>3} " + " ".join(f"{x:>5.2f}" for x in row))
+
+    print(f"mixed context: the four walks, all with task k's rewards (one reaches k's goal): fraction of {m} "
+          "posterior rollouts reaching goal k")
+    row = []
+    for k in range(N):
+        ws = [walk(env, j) for j in range(N)]
+        ctx = torch.as_tensor(np.concatenate([path_context(w, env.reward(w.infos, [k])[0][0], cfg.use_next_obs_in_context)
+                                              for w in ws])[None])
+        with torch.no_grad():
+            mu, var = agent.infer_posterior(ctx)
+        env.set_task(k)
+        row.append(np.mean([reached(rollout(env, agent, agent.sample_z(mu, var), cfg.max_path_length,
+                                            deterministic=True)) == k for _ in range(m)]))
+    print("  " + ", ".join(f"task {k}: {x:.2f}" for k, x in enumerate(row)))
+
+    def episode(k: int, explore_z) -> bool:
+        """One (task, run) of the protocol; ``explore_z(i)`` gives exploration trajectory i's z."""
+        env.set_task(k)
+        contexts, steps, i, hit = [], 0, 0, False
+        while steps < cfg.eval_steps:
+            if i < cfg.exploration_trajectories:
+                z = explore_z(i)
+            else:
+                ctx = torch.as_tensor(np.concatenate(contexts)[None])
+                with torch.no_grad():
+                    z = agent.sample_z(*agent.infer_posterior(ctx))
+            path = rollout(env, agent, z, cfg.max_path_length, deterministic=True)
+            contexts.append(path_context(path, path.rewards, cfg.use_next_obs_in_context))
+            hit |= i >= cfg.exploration_trajectories and bool(path.success.any())
+            steps, i = steps + len(path), i + 1
+        return hit
+
+    rng = np.random.default_rng(args.seed)
+    runs = max(1, n // 10)
+
+    def hypotheses():
+        order = np.concatenate([rng.permutation(N) for _ in range(cfg.exploration_trajectories // N + 1)])
+        return lambda i: agent.sample_z(post[order[i]][0][None], post[order[i]][1][None])
+
+    rates = {"prior": [], "hand-made posteriors": []}
+    for k in range(N):
+        rates["prior"].append(np.mean([episode(k, lambda i: agent.prior_z()) for _ in range(runs)]))
+        rates["hand-made posteriors"].append(np.mean([episode(k, hypotheses()) for _ in range(runs)]))
+    print(f"meta-test success ({runs} runs per task), exploration z from:")
+    for name, r in rates.items():
+        print(f"  {name:>22}: {np.mean(r):.2f}  (per task " + ", ".join(f"{x:.2f}" for x in r) + ")")
 
 
 if __name__ == "__main__":
