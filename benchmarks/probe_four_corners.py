@@ -18,7 +18,11 @@ shows a goal make the posterior policy reach that goal?  Prints a table; asserts
   far, re-inferred after each trajectory; success = some post-exploration trajectory reaches the
   goal) with the exploration z drawn from the prior, as the protocol does, and instead from the
   posteriors of the four hand-made walks (one task hypothesis per trajectory, in random order):
-  how much of the gap to full success is the exploration's.
+  how much of the gap to full success is the exploration's;
+- precision shares: for the first replay of each task with the hand-made hypotheses, each
+  exploration trajectory's share of the posterior precision (the sum over its transitions of
+  the encoder's per-transition precisions, PEARL's product of Gaussians), with the corner it
+  reached, and the task whose hand-made posterior mean lies nearest the resulting posterior mean.
 """
 from __future__ import annotations
 
@@ -28,12 +32,13 @@ from pathlib import Path as FsPath
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from metarelabel import checkpoint as ckpt
 from metarelabel.buffers import Path
 from metarelabel.config import load_config_json
 from metarelabel.envs import make_family
-from metarelabel.pearl import PEARL, make_dims
+from metarelabel.pearl import PEARL, VAR_MIN, make_dims
 from metarelabel.sampler import path_context, rollout
 
 
@@ -123,11 +128,29 @@ def main() -> None:
                                             deterministic=True)) == k for _ in range(m)]))
     print("  " + ", ".join(f"task {k}: {x:.2f}" for k, x in enumerate(row)))
 
-    def episode(k: int, explore_z) -> bool:
+    def precision_shares(k: int, contexts: list, ends: list) -> None:
+        ctx = torch.as_tensor(np.concatenate(contexts))
+        with torch.no_grad():
+            out = agent.encoder(ctx)
+            L = agent.dims.latent
+            prec = 1.0 / F.softplus(out[:, L:]).clamp(min=VAR_MIN)
+            mu = out[:, :L]
+            m = (mu * prec).sum(0) / prec.sum(0)
+        per = prec.sum(1).numpy()
+        bounds = np.cumsum([0] + [len(c) for c in contexts])
+        shares = [per[a:b].sum() / per.sum() for a, b in zip(bounds[:-1], bounds[1:])]
+        means = torch.stack([p[0] for p in post])
+        near = int(torch.cdist(m[None], means).argmin())
+        print(f"  task {k}: " + ", ".join(f"to {e if e >= 0 else 'none'} {sh:.2f}" for e, sh in zip(ends, shares))
+              + f" -> posterior mean nearest task {near}")
+
+    def episode(k: int, explore_z, shares: bool = False) -> bool:
         """One (task, run) of the protocol; ``explore_z(i)`` gives exploration trajectory i's z."""
         env.set_task(k)
-        contexts, steps, i, hit = [], 0, 0, False
+        contexts, steps, i, hit, ends = [], 0, 0, False, []
         while steps < cfg.eval_steps:
+            if shares and i == cfg.exploration_trajectories:
+                precision_shares(k, contexts, ends)
             if i < cfg.exploration_trajectories:
                 z = explore_z(i)
             else:
@@ -136,6 +159,7 @@ def main() -> None:
                     z = agent.sample_z(*agent.infer_posterior(ctx))
             path = rollout(env, agent, z, cfg.max_path_length, deterministic=True)
             contexts.append(path_context(path, path.rewards, cfg.use_next_obs_in_context))
+            ends.append(reached(path))
             hit |= i >= cfg.exploration_trajectories and bool(path.success.any())
             steps, i = steps + len(path), i + 1
         return hit
@@ -148,9 +172,10 @@ def main() -> None:
         return lambda i: agent.sample_z(post[order[i]][0][None], post[order[i]][1][None])
 
     rates = {"prior": [], "hand-made posteriors": []}
+    print("precision share of each exploration trajectory (corner it reached), first replay with the hand-made hypotheses:")
     for k in range(N):
         rates["prior"].append(np.mean([episode(k, lambda i: agent.prior_z()) for _ in range(runs)]))
-        rates["hand-made posteriors"].append(np.mean([episode(k, hypotheses()) for _ in range(runs)]))
+        rates["hand-made posteriors"].append(np.mean([episode(k, hypotheses(), shares=r == 0) for r in range(runs)]))
     print(f"meta-test success ({runs} runs per task), exploration z from:")
     for name, r in rates.items():
         print(f"  {name:>22}: {np.mean(r):.2f}  (per task " + ", ".join(f"{x:.2f}" for x in r) + ")")
