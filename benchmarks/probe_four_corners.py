@@ -38,7 +38,7 @@ from metarelabel import checkpoint as ckpt
 from metarelabel.buffers import Path
 from metarelabel.config import load_config_json
 from metarelabel.envs import make_family
-from metarelabel.pearl import PEARL, VAR_MIN, make_dims
+from metarelabel.pearl import PEARL, VAR_MIN, make_dims, product_of_gaussians
 from metarelabel.sampler import path_context, rollout
 
 
@@ -84,59 +84,53 @@ def main() -> None:
     counts = {k: ends.count(k) for k in range(-1, N)}
     print(f"iteration {body['iteration']}: {n} prior-z trajectories end at corner "
           + ", ".join(f"{k}: {counts[k]}" for k in range(N)) + f", none: {counts[-1]}")
-    post = []
-    for k in range(N):
-        ctx = torch.as_tensor(path_context(walk(env, k), walk(env, k).rewards, cfg.use_next_obs_in_context)[None])
+    walks = [walk(env, k) for k in range(N)]
+
+    def posterior(contexts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, var) ``[L]`` from context arrays (concatenated)."""
         with torch.no_grad():
-            mu, var = agent.infer_posterior(ctx)
-        post.append((mu[0], var[0]))
+            mu, var = agent.infer_posterior(torch.as_tensor(np.concatenate(contexts)[None]))
+        return mu[0], var[0]
+
+    def reach_rate(mu, var, corner: int, m: int) -> float:
+        """Fraction of ``m`` deterministic rollouts with z ~ N(mu, var) that end at ``corner``."""
+        return float(np.mean([reached(rollout(env, agent, agent.sample_z(mu[None], var[None]), cfg.max_path_length,
+                                              deterministic=True)) == corner for _ in range(m)]))
+
+    def walk_context(w: Path, task: int) -> np.ndarray:
+        """A walk's context with the rewards of ``task``."""
+        return path_context(w, env.reward(w.infos, [task])[0][0], cfg.use_next_obs_in_context)
+
+    post = [posterior([walk_context(walks[k], k)]) for k in range(N)]
     print(f"{'task':>4} {'goal reached':>13} {'posterior std':>14} {'dist to other means':>20}")
     for k, (mu, var) in enumerate(post):
         env.set_task(k)
-        hits = 0
-        for _ in range(n):
-            z = agent.sample_z(mu[None], var[None])
-            hits += reached(rollout(env, agent, z, cfg.max_path_length, deterministic=True)) == k
         others = [float((mu - m).norm()) for j, (m, _) in enumerate(post) if j != k]
-        print(f"{k:>4} {hits / n:>13.2f} {float(var.sqrt().mean()):>14.4f} {np.mean(others):>20.3f}")
+        print(f"{k:>4} {reach_rate(mu, var, k, n):>13.2f} {float(var.sqrt().mean()):>14.4f} {np.mean(others):>20.3f}")
 
     m = max(1, n // 5)
     print(f"walk into corner j, rewards of task k: fraction of {m} posterior rollouts ending at corner j")
     print("  j\\k " + " ".join(f"{k:>5}" for k in range(N)))
     for j in range(N):
-        w, row = walk(env, j), []
-        for k in range(N):
-            r = env.reward(w.infos, [k])[0][0]
-            ctx = torch.as_tensor(path_context(w, r, cfg.use_next_obs_in_context)[None])
-            with torch.no_grad():
-                mu, var = agent.infer_posterior(ctx)
-            row.append(np.mean([reached(rollout(env, agent, agent.sample_z(mu, var), cfg.max_path_length,
-                                                deterministic=True)) == j for _ in range(m)]))
+        row = [reach_rate(*posterior([walk_context(walks[j], k)]), j, m) for k in range(N)]
         print(f"  {j:>3} " + " ".join(f"{x:>5.2f}" for x in row))
 
     print(f"mixed context: the four walks, all with task k's rewards (one reaches k's goal): fraction of {m} "
           "posterior rollouts reaching goal k")
     row = []
     for k in range(N):
-        ws = [walk(env, j) for j in range(N)]
-        ctx = torch.as_tensor(np.concatenate([path_context(w, env.reward(w.infos, [k])[0][0], cfg.use_next_obs_in_context)
-                                              for w in ws])[None])
-        with torch.no_grad():
-            mu, var = agent.infer_posterior(ctx)
+        mu, var = posterior([walk_context(w, k) for w in walks])
         env.set_task(k)
-        row.append(np.mean([reached(rollout(env, agent, agent.sample_z(mu, var), cfg.max_path_length,
-                                            deterministic=True)) == k for _ in range(m)]))
+        row.append(reach_rate(mu, var, k, m))
     print("  " + ", ".join(f"task {k}: {x:.2f}" for k, x in enumerate(row)))
 
     def precision_shares(k: int, contexts: list, ends: list) -> None:
-        ctx = torch.as_tensor(np.concatenate(contexts))
-        with torch.no_grad():
-            out = agent.encoder(ctx)
+        with torch.no_grad():  # the encoder's per-transition factors, as infer_posterior forms them
+            out = agent.encoder(torch.as_tensor(np.concatenate(contexts)))
             L = agent.dims.latent
-            prec = 1.0 / F.softplus(out[:, L:]).clamp(min=VAR_MIN)
-            mu = out[:, :L]
-            m = (mu * prec).sum(0) / prec.sum(0)
-        per = prec.sum(1).numpy()
+            var = F.softplus(out[:, L:]).clamp(min=VAR_MIN)
+            m, _ = product_of_gaussians(out[:, :L], var)
+        per = (1.0 / var).sum(1).numpy()
         bounds = np.cumsum([0] + [len(c) for c in contexts])
         shares = [per[a:b].sum() / per.sum() for a, b in zip(bounds[:-1], bounds[1:])]
         means = torch.stack([p[0] for p in post])
@@ -154,9 +148,8 @@ def main() -> None:
             if i < cfg.exploration_trajectories:
                 z = explore_z(i)
             else:
-                ctx = torch.as_tensor(np.concatenate(contexts)[None])
-                with torch.no_grad():
-                    z = agent.sample_z(*agent.infer_posterior(ctx))
+                mu, var = posterior(contexts)
+                z = agent.sample_z(mu[None], var[None])
             path = rollout(env, agent, z, cfg.max_path_length, deterministic=True)
             contexts.append(path_context(path, path.rewards, cfg.use_next_obs_in_context))
             ends.append(reached(path))
