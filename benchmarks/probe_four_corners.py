@@ -19,6 +19,9 @@ shows a goal make the posterior policy reach that goal?  Prints a table; asserts
   goal) with the exploration z drawn from the prior, as the protocol does, and instead from the
   posteriors of the four hand-made walks (one task hypothesis per trajectory, in random order):
   how much of the gap to full success is the exploration's;
+- prior coverage: how many posterior stds each prior z lies from the nearest task's hand-made
+  posterior (in PEARL, exploration is posterior sampling, which works when prior draws land where
+  the policy was trained for some task), and whether its trajectory ends at that task's corner;
 - precision shares: for the first replay of each task with the hand-made hypotheses, each
   exploration trajectory's share of the posterior precision (the sum over its transitions of
   the encoder's per-transition precisions, PEARL's product of Gaussians), with the corner it
@@ -80,7 +83,10 @@ def main() -> None:
         s = env.reward(path.infos, np.arange(N))[2].any(axis=1)
         return int(np.argmax(s)) if s.any() else -1
 
-    ends = [reached(rollout(env, agent, agent.prior_z(), cfg.max_path_length, deterministic=True)) for _ in range(n)]
+    prior_zs, ends = [], []
+    for _ in range(n):
+        prior_zs.append(agent.prior_z())
+        ends.append(reached(rollout(env, agent, prior_zs[-1], cfg.max_path_length, deterministic=True)))
     counts = {k: ends.count(k) for k in range(-1, N)}
     print(f"iteration {body['iteration']}: {n} prior-z trajectories end at corner "
           + ", ".join(f"{k}: {counts[k]}" for k in range(N)) + f", none: {counts[-1]}")
@@ -107,6 +113,22 @@ def main() -> None:
         env.set_task(k)
         others = [float((mu - m).norm()) for j, (m, _) in enumerate(post) if j != k]
         print(f"{k:>4} {reach_rate(mu, var, k, n):>13.2f} {float(var.sqrt().mean()):>14.4f} {np.mean(others):>20.3f}")
+
+    # prior coverage: how far the exploration's z's fall from where the policy was trained for a task
+    means = torch.stack([mu for mu, _ in post])
+    stds = torch.stack([var.sqrt() for _, var in post])
+    zs = torch.cat(prior_zs)
+    maha = (((zs[:, None] - means[None]) / stds[None]) ** 2).sum(-1).sqrt()  # [n, N], in posterior stds
+    nearest = maha.argmin(1).numpy()
+    dmin = maha.min(1).values.numpy()
+    gaps = torch.pdist(means)
+    print(f"prior coverage: the {n} prior z's lie {np.median(dmin):.1f} posterior stds (median; 10th pct "
+          f"{np.percentile(dmin, 10):.1f}) from the nearest task's hand-made posterior, within 3 stds for "
+          f"{np.mean(dmin <= 3):.2f} of them; Euclidean: prior z to the nearest mean "
+          f"{float(torch.cdist(zs, means).min(1).values.median()):.2f} (median), between task means "
+          f"{float(gaps.min()):.2f}-{float(gaps.max()):.2f}")
+    print("  prior-z trajectory ends at the corner of the task whose posterior is nearest its z: "
+          f"{np.mean(np.asarray(ends) == nearest):.2f}; at no corner: {np.mean(np.asarray(ends) == -1):.2f}")
 
     m = max(1, n // 5)
     print(f"walk into corner j, rewards of task k: fraction of {m} posterior rollouts ending at corner j")
