@@ -68,6 +68,13 @@ def test_preset_names_and_unknown():
     assert preset_values("four-corners", "quick")["preset"] == "quick"
 
 
+def test_kl_target_needs_the_bottleneck_and_a_starting_weight():
+    assert make_config("four-corners", "quick", {"kl_target": 2.0}).kl_target == 2.0
+    for bad in ({"use_information_bottleneck": False}, {"kl_lambda": 0.0}):
+        with pytest.raises(ConfigError, match="kl_target"):
+            make_config("four-corners", "quick", {"kl_target": 2.0, **bad})
+
+
 def test_cpu_preset():
     """``cpu`` keeps the paper's reward scale and evaluation episodes and shrinks the networks;
     four-corners keeps the paper's collection rate and departs in discount and KL weight,

@@ -55,13 +55,17 @@ def test_in_process_equals_fresh_process(tmp_path, capsys):
     assert _strip_time(a) == _strip_time(read_csv(tmp_path / "b" / "progress.csv"))
 
 
-@pytest.mark.parametrize("device_buffers", ["off", "on"])
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys, device_buffers):
+@pytest.mark.parametrize("device_buffers,extra", [("off", []), ("on", []), ("off", ["--kl-target", "0.5"])])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys, device_buffers, extra):
     """Resuming from the iteration-1 checkpoint reproduces the uninterrupted run exactly (with
-    the device mirror, rebuilt from the loaded host buffers, too)."""
+    the device mirror, rebuilt from the loaded host buffers, too; with a tuned KL weight, whose
+    value and Adam state the checkpoint carries)."""
     run = tmp_path / "run"
     full = _train(capsys, run, "point-robot", 5, "--num-iterations", "3", "--num-train-steps-per-itr", "5",
-                  "--checkpoint-every", "1", "--keep-checkpoints", "3", "--device-buffers", device_buffers)
+                  "--checkpoint-every", "1", "--keep-checkpoints", "3", "--device-buffers", device_buffers, *extra)
+    if extra:  # the tuned weight moved in every iteration
+        lams = [float(r["train/kl_lambda"]) for r in full]
+        assert len(set(lams)) == 3
     full_matrix = (run / "relabel_matrix.csv").read_text()
     for p in (run / "checkpoints").iterdir():
         if not p.name.startswith("ckpt_000001."):

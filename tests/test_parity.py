@@ -4,6 +4,7 @@ networks, separate per-network Adam optimizers, every forward pass with full aut
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -220,3 +221,47 @@ def test_lean_step_equals_reference_with_the_release_squash():
     u = mean + log_std.exp() * torch.randn_like(mean)
     want = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1)
     torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", [1e-3, 1e3])
+def test_tuned_kl_weight_first_step_and_lean_equals_reference(target):
+    """``kl_target``: the first step uses the starting kl_lambda, then Adam's first step moves
+    log kl_lambda by exactly lr against the sign of (target - KL per task): up when the KL is
+    above the target, down when below.  The lean step tunes it as the reference does."""
+    lean, ref = _lean_vs_reference(True, 2, 2, steps=1, kl_target=target)
+    for agent in (lean, ref):
+        gen = torch.Generator().manual_seed(0)
+        batch, context = random_batch(gen, 3, 17), torch.randn(3, 9, 5, generator=gen)
+        before = float(agent.kl_log_lambda.detach())
+        torch.manual_seed(0)
+        out = agent.update(batch, context)
+        assert float(out["train/kl_lambda"]) == pytest.approx(math.exp(before), rel=1e-6)
+        up = float(out["losses/kl"]) / 3 > target
+        assert up == (target < 1)  # random contexts carry well over 1e-3 and under 1e3 nats
+        # Adam's second step with a same-signed gradient moves by about lr again
+        assert float(agent.kl_log_lambda.detach()) - before == pytest.approx(1e-3 if up else -1e-3, rel=0.05)
+    assert float(lean.kl_log_lambda.detach()) == pytest.approx(float(ref.kl_log_lambda.detach()), rel=1e-6)
+
+
+def test_tuned_kl_weight_is_exactly_one_adam_step_and_checkpointed():
+    """From a fresh agent the first tuning step is log(kl_lambda) + lr * sign(KL/M - target)
+    (Adam's bias-corrected first step), and a state_dict carries log kl_lambda and its Adam
+    state into a fresh agent that then continues identically."""
+    agent = make_agent(seed=3, hidden_dim=16, encoder_hidden_dim=16, kl_lambda=2.0, kl_target=1e3, lr=1e-3)
+    gen = torch.Generator().manual_seed(4)
+    batch, context = random_batch(gen, 2, 11), torch.randn(2, 5, 5, generator=gen)
+    torch.manual_seed(0)
+    agent.update(batch, context)
+    assert float(agent.kl_log_lambda.detach()) == pytest.approx(math.log(2.0) - 1e-3, rel=1e-6)
+    fresh = make_agent(seed=8, hidden_dim=16, encoder_hidden_dim=16, kl_lambda=2.0, kl_target=1e3, lr=1e-3)
+    fresh.load_state_dict(copy.deepcopy(agent.state_dict()))
+    for a in (agent, fresh):
+        torch.manual_seed(1)
+        a.update(batch, context)
+    assert float(agent.kl_log_lambda.detach()) == float(fresh.kl_log_lambda.detach())
+    for a, b in zip(_all_params(agent), _all_params(fresh)):
+        assert torch.equal(a, b)
+    plain = make_agent(seed=3, hidden_dim=16, encoder_hidden_dim=16, kl_lambda=2.0, lr=1e-3)
+    assert plain.kl_log_lambda is None and "kl_log_lambda" not in plain.state_dict()
+    with pytest.raises(ValueError, match="kl_target"):
+        fresh.load_state_dict(plain.state_dict())

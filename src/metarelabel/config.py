@@ -105,7 +105,15 @@ class Config:
     reward_scale: float = _f(100.0, lo=0.0, lo_open=True)
     """alpha: rewards are multiplied by it in the Q target (entropy temperature stays 1)."""
     kl_lambda: float = _f(1.0, lo=0.0)
-    """Weight of the KL(q(z|c) || N(0, I)) term, summed over tasks."""
+    """Weight of the KL(q(z|c) || N(0, I)) term, summed over tasks (with `kl_target`: its
+    starting value)."""
+    kl_target: float = _f(0.0, lo=0.0)
+    """Nats per task.  0 keeps `kl_lambda` fixed (PEARL).  Above 0 the KL weight is tuned
+    during training so that the posterior's KL to the prior, averaged over a step's tasks,
+    tracks this target: log kl_lambda takes one Adam step at `lr` per gradient step on
+    (target - KL per task), as SAC tunes its entropy temperature.  A departure from PEARL and
+    the release, meant to keep the task posteriors broad enough to cover the prior that the
+    meta-test's exploration samples from."""
     use_information_bottleneck: bool = True
     """Sample z from the product-of-Gaussians posterior (False: deterministic mean)."""
     use_next_obs_in_context: bool = False
@@ -201,6 +209,8 @@ class Config:
         if self.grad_step == "lean" and getattr(fam, "image_obs", False):
             raise ConfigError(f"grad_step: lean supports vector observations only; {self.family} has images "
                               "(use auto or reference)")
+        if self.kl_target > 0 and not (self.use_information_bottleneck and self.kl_lambda > 0):
+            raise ConfigError("kl_target: needs use_information_bottleneck and a starting kl_lambda > 0")
         if self.learned_reward and self.relabel not in ("hfr", "hfr-bellman"):
             raise ConfigError(f"learned_reward: only hfr and hfr-bellman build relabeling contexts (relabel={self.relabel})")
 

@@ -7,6 +7,8 @@ Shapes: M tasks, B transitions per task, C context transitions per task, L laten
   sigma^2 = 1 / sum_n 1/sigma^2_n (each sigma^2_n >= 1e-7), mu = sigma^2 * sum_n mu_n / sigma^2_n
 - Q loss: y = alpha * r + (1 - d) * gamma * Vbar(s', z); MSE(Q1, y) + MSE(Q2, y); it and
   kl_lambda * sum_tasks KL(q(z|c) || N(0, I)) are the only losses that reach the encoder
+  (``kl_target`` > 0: kl_lambda = exp(log_lambda), and after the step log_lambda takes one Adam
+  step on the loss -log_lambda * (KL / M - kl_target), i.e. gradient kl_target - KL / M)
 - V loss: MSE(V(s, z), min_k Q_k(s, a~, z) - log pi(a~ | s, z))
 - policy loss: mean(log pi(a~ | s, z) - min_k Q_k(s, a~, z)) + 1e-3 (mean^2 + log_std^2)
 Policy and V see z detached.  The entropy temperature is 1; alpha scales rewards instead.
@@ -259,6 +261,11 @@ class PEARL:
             "vf": torch.optim.Adam(self.vf.parameters(), **adam),
             "encoder": torch.optim.Adam(self.encoder.parameters(), **adam),
         }
+        #: log kl_lambda, learned when ``kl_target`` > 0 (else None: kl_lambda stays fixed)
+        self.kl_log_lambda = None
+        if getattr(cfg, "kl_target", 0.0) > 0:
+            self.kl_log_lambda = torch.tensor(math.log(cfg.kl_lambda), device=device, requires_grad=True)
+            self.optimizers["kl_lambda"] = torch.optim.Adam([self.kl_log_lambda], **adam)
         self.trunk = None
         if dims.image:
             self.trunk = ConvTrunk(dims.obs_shape, dims.feature_dim).to(device)
@@ -368,6 +375,19 @@ class PEARL:
             raise ValueError("grad_step: lean supports vector observations only (use auto or reference)")
         return mode == "lean" or (mode == "auto" and self.trunk is None)
 
+    def kl_weight(self):
+        """The KL weight of the next step: ``kl_lambda``, or exp(log_lambda) (a 0-d tensor)."""
+        return self.cfg.kl_lambda if self.kl_log_lambda is None else self.kl_log_lambda.detach().exp()
+
+    def _tune_kl_weight(self, kl: torch.Tensor, tasks: int, out: dict) -> None:
+        """With ``kl_target``: one Adam step of log kl_lambda toward KL per task = target, and
+        the weight this step used in ``out``."""
+        if self.kl_log_lambda is None:
+            return
+        out["train/kl_lambda"] = self.kl_log_lambda.detach().exp()
+        self.kl_log_lambda.grad = (self.cfg.kl_target - kl.detach() / tasks).reshape(()).to(self.kl_log_lambda.dtype)
+        self.optimizers["kl_lambda"].step()
+
     def update(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
         """One PEARL gradient step on batches ``[M, B, .]`` and contexts ``[M, C, .]``
         (``update_lean`` or ``update_reference``, by ``grad_step``).  Returns detached loss
@@ -406,7 +426,7 @@ class PEARL:
         else:
             kl = torch.zeros((), device=obs.device)
         qf_loss = ((q - y) ** 2).mean(-1).sum()
-        enc_loss = cfg.kl_lambda * kl + qf_loss
+        enc_loss = self.kl_weight() * kl + qf_loss
         self.optimizers["encoder"].zero_grad(set_to_none=True)
         self.optimizers["qf"].zero_grad(set_to_none=True)
         if self.trunk is not None:
@@ -437,7 +457,7 @@ class PEARL:
         policy_loss.backward()
         self.optimizers["policy"].step()
 
-        return {
+        out = {
             "losses/qf": qf_loss.detach(),
             "losses/vf": vf_loss.detach(),
             "losses/policy": policy_loss.detach(),
@@ -447,6 +467,8 @@ class PEARL:
             "train/log_pi": log_pi.detach().mean(),
             "train/z_var": var.detach().mean() if cfg.use_information_bottleneck else kl.detach(),
         }
+        self._tune_kl_weight(kl, M, out)
+        return out
 
     @torch.no_grad()
     def update_lean(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -500,7 +522,7 @@ class PEARL:
         g_zb = _twin_backward(self.qf, q_hs, diff * (2.0 / n), grads, slice(o + a, o + a + L))
         g_z = g_zb.view(M, B, L).sum(1)
         if cfg.use_information_bottleneck:
-            lam = cfg.kl_lambda
+            lam = self.kl_weight()
             g_m = g_z + lam * m  # KL = 0.5 sum(V + m^2 - 1 - log V)
             g_V = g_z * eps * (0.5 / sd) + (0.5 * lam) * (1.0 - 1.0 / V)
             g_S = g_m * V  # m = V * S, V = 1 / sum_c prec_c, S = sum_c mu_c prec_c
@@ -559,7 +581,7 @@ class PEARL:
         actor_adam.step()
         torch._foreach_lerp_(list(self.target_vf.parameters()), list(self.vf.parameters()), cfg.soft_target_tau)
 
-        return {
+        out = {
             "losses/qf": qf_loss,
             "losses/vf": vf_loss,
             "losses/policy": policy_loss,
@@ -569,6 +591,8 @@ class PEARL:
             "train/log_pi": log_pi.mean(),
             "train/z_var": V.mean() if cfg.use_information_bottleneck else kl,
         }
+        self._tune_kl_weight(kl, M, out)
+        return out
 
     # ---- state ---------------------------------------------------------------------------------
     def modules(self) -> dict:
@@ -579,14 +603,22 @@ class PEARL:
         return out
 
     def state_dict(self) -> dict:
-        return {
+        out = {
             "modules": {k: m.state_dict() for k, m in self.modules().items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
         }
+        if self.kl_log_lambda is not None:
+            out["kl_log_lambda"] = self.kl_log_lambda.detach().clone()
+        return out
 
     def load_state_dict(self, state: dict, with_optimizers: bool = True) -> None:
         for k, m in self.modules().items():
             m.load_state_dict(state["modules"][k])
+        if self.kl_log_lambda is not None:
+            if "kl_log_lambda" not in state:
+                raise ValueError("kl_target: this checkpoint was written without a tuned KL weight")
+            with torch.no_grad():
+                self.kl_log_lambda.copy_(state["kl_log_lambda"])
         if with_optimizers:
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
