@@ -155,7 +155,6 @@ def main() -> None:
         per = (1.0 / var).sum(1).numpy()
         bounds = np.cumsum([0] + [len(c) for c in contexts])
         shares = [per[a:b].sum() / per.sum() for a, b in zip(bounds[:-1], bounds[1:])]
-        means = torch.stack([p[0] for p in post])
         near = int(torch.cdist(m[None], means).argmin())
         print(f"  task {k}: " + ", ".join(f"to {e if e >= 0 else 'none'} {sh:.2f}" for e, sh in zip(ends, shares))
               + f" -> posterior mean nearest task {near}")

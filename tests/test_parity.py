@@ -225,9 +225,9 @@ def test_lean_step_equals_reference_with_the_release_squash():
 
 @pytest.mark.parametrize("target", [1e-3, 1e3])
 def test_tuned_kl_weight_first_step_and_lean_equals_reference(target):
-    """``kl_target``: the first step uses the starting kl_lambda, then Adam's first step moves
-    log kl_lambda by exactly lr against the sign of (target - KL per task): up when the KL is
-    above the target, down when below.  The lean step tunes it as the reference does."""
+    """``kl_target``: a step uses the weight exp(log kl_lambda) it starts with, then moves log
+    kl_lambda by about lr against the sign of (target - KL per task): up when the KL is above
+    the target, down when below.  The lean step tunes it as the reference does."""
     lean, ref = _lean_vs_reference(True, 2, 2, steps=1, kl_target=target)
     for agent in (lean, ref):
         gen = torch.Generator().manual_seed(0)

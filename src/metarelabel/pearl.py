@@ -385,7 +385,7 @@ class PEARL:
         if self.kl_log_lambda is None:
             return
         out["train/kl_lambda"] = self.kl_log_lambda.detach().exp()
-        self.kl_log_lambda.grad = (self.cfg.kl_target - kl.detach() / tasks).reshape(()).to(self.kl_log_lambda.dtype)
+        self.kl_log_lambda.grad = self.cfg.kl_target - kl.detach() / tasks
         self.optimizers["kl_lambda"].step()
 
     def update(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
