@@ -11,7 +11,7 @@ from conftest import make_agent, small_config
 from metarelabel.envs import make_family
 from metarelabel.evaluation import Evaluator
 from metarelabel.rollout import Job, lane_seeds, run_jobs
-from metarelabel.sampler import rollout
+from metarelabel.sampler import ActionMap, rollout
 from metarelabel.trainer import Trainer
 
 FIELDS = ("obs", "actions", "rewards", "dense_rewards", "terminals", "next_obs", "success")
@@ -111,6 +111,17 @@ def test_engine_paths_equal_sequential_paths_exactly(family):
     lengths = {len(p) for j in jobs for p in j.paths}
     assert lengths  # and the rollouts really moved
     assert any(np.abs(p.next_obs - p.obs).max() > 0.05 for j in jobs for p in j.paths)
+
+
+def test_action_map_maps_the_unit_box_onto_the_action_box_and_back():
+    import gymnasium as gym
+
+    amap = ActionMap(gym.spaces.Box(low=np.array([-2.0, 0.0, 1.0]), high=np.array([2.0, 1.0, 5.0]), dtype=np.float32))
+    a = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, 0.5, -0.5]], np.float32)
+    np.testing.assert_array_equal(amap.to_env(a), [[-2.0, 0.0, 1.0], [2.0, 1.0, 5.0], [0.0, 0.75, 2.0]])
+    back = amap.to_policy(amap.to_env(a))
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, a, atol=1e-7)
 
 
 def test_engine_ends_trajectories_on_termination():

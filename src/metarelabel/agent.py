@@ -31,6 +31,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import CheckpointError, ConfigError, RunDirError
+from .sampler import ActionMap
 
 EXPORT_FORMAT = "metarelabel-agent"
 EXPORT_VERSION = 1
@@ -108,8 +109,7 @@ class Agent:
     def __init__(self, cfg, pearl, env, info: dict, seed: int = 12345):
         self.cfg, self.pearl, self.info = cfg, pearl, info
         self.device = pearl.device
-        self._low = env.action_space.low.astype(np.float64)
-        self._high = env.action_space.high.astype(np.float64)
+        self._amap = ActionMap(env.action_space)
         self._image = bool(getattr(env, "image_obs", False))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
@@ -138,7 +138,7 @@ class Agent:
             self.z = self._draw_z()
         with torch.no_grad():
             a = self.pearl.act(obs, self.z, deterministic)
-        env_a = self._low + (a.astype(np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        env_a = self._amap.to_env(a)
         self._last = (env_a, a)
         return env_a
 
@@ -149,7 +149,7 @@ class Agent:
         if self._last is not None and np.array_equal(np.asarray(action, np.float64), self._last[0]):
             a = self._last[1]  # the policy's own action, bit for bit
         else:
-            a = (2.0 * (np.asarray(action, np.float64) - self._low) / (self._high - self._low) - 1.0).astype(np.float32)
+            a = self._amap.to_policy(action)
         if self.cfg.context_reward_key == "dense_rewards":
             if info is None or "dense_reward" not in info:
                 raise ConfigError("this run's encoder reads the dense reward: pass the step's info to observe()")

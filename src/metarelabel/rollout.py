@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .buffers import Path
+from .sampler import ActionMap
 
 #: lanes for families with array dynamics, and for families with one instance per lane
 MAX_ARRAY_LANES = 64
@@ -63,8 +64,7 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
     kinds)`` returns z ``[k, L]`` for the k jobs starting a trajectory (``kinds[i]`` is what
     ``jobs[i].want()`` said); ``on_paths(list of (job, path))`` is called after every step in
     which trajectories finished.  Returns the number of env steps taken."""
-    low = venv.action_space.low.astype(np.float64)
-    high = venv.action_space.high.astype(np.float64)
+    amap = ActionMap(venv.action_space)
     odt = np.uint8 if venv.image_obs else np.float32
     queue = deque(jobs)
     n, H = venv.num_lanes, int(max_path_length)
@@ -104,7 +104,7 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
         if len(active) == 0:
             return total
         actions = agent.act_batch(obs[active], z[active], deterministic)
-        env_actions = low + (actions.astype(np.float64) + 1.0) * 0.5 * (high - low)
+        env_actions = amap.to_env(actions)
         next_obs, rew, term, trunc, info = venv.step(active, env_actions)
         total += len(active)
         step = {"obs": obs[active], "actions": actions, "rewards": rew, "dense_rewards": info["dense_reward"],

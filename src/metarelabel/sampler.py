@@ -51,16 +51,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class ActionMap:
+    """The affine map between the policy's actions in [-1, 1] and an environment's action box
+    (float64 arithmetic; ``to_policy`` inverts ``to_env`` up to rounding)."""
+
+    def __init__(self, space):
+        self.low = space.low.astype(np.float64)
+        self.high = space.high.astype(np.float64)
+
+    def to_env(self, action: np.ndarray) -> np.ndarray:
+        return self.low + (action.astype(np.float64) + 1.0) * 0.5 * (self.high - self.low)
+
+    def to_policy(self, env_action) -> np.ndarray:
+        return (2.0 * (np.asarray(env_action, np.float64) - self.low) / (self.high - self.low) - 1.0).astype(np.float32)
+
+
 def rollout(env: TaskFamily, agent, z: torch.Tensor, max_path_length: int, deterministic: bool = False) -> Path:
     """One trajectory on the env's current task; stops on termination or at the length limit."""
-    low = env.action_space.low.astype(np.float64)
-    high = env.action_space.high.astype(np.float64)
+    amap = ActionMap(env.action_space)
     obs, _ = env.reset()
     rows = {k: [] for k in ("obs", "actions", "rewards", "dense_rewards", "terminals", "next_obs", "success")}
     infos = {k: [] for k in env.info_spec}
     for _ in range(max_path_length):
         action = agent.act(obs, z, deterministic)
-        env_action = low + (action.astype(np.float64) + 1.0) * 0.5 * (high - low)
+        env_action = amap.to_env(action)
         next_obs, reward, terminated, truncated, info = env.step(env_action)
         rows["obs"].append(obs)
         rows["actions"].append(action)
