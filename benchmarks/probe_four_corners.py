@@ -35,13 +35,12 @@ from pathlib import Path as FsPath
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metarelabel import checkpoint as ckpt
 from metarelabel.buffers import Path
 from metarelabel.config import load_config_json
 from metarelabel.envs import make_family
-from metarelabel.pearl import PEARL, VAR_MIN, make_dims, product_of_gaussians
+from metarelabel.pearl import PEARL, make_dims, product_of_gaussians
 from metarelabel.sampler import path_context, rollout
 
 
@@ -147,11 +146,9 @@ def main() -> None:
     print("  " + ", ".join(f"task {k}: {x:.2f}" for k, x in enumerate(row)))
 
     def precision_shares(k: int, contexts: list, ends: list) -> None:
-        with torch.no_grad():  # the encoder's per-transition factors, as infer_posterior forms them
-            out = agent.encoder(torch.as_tensor(np.concatenate(contexts)))
-            L = agent.dims.latent
-            var = F.softplus(out[:, L:]).clamp(min=VAR_MIN)
-            m, _ = product_of_gaussians(out[:, :L], var)
+        with torch.no_grad():
+            mu_t, var = agent.transition_factors(torch.as_tensor(np.concatenate(contexts)))
+            m, _ = product_of_gaussians(mu_t, var)
         per = (1.0 / var).sum(1).numpy()
         bounds = np.cumsum([0] + [len(c) for c in contexts])
         shares = [per[a:b].sum() / per.sum() for a, b in zip(bounds[:-1], bounds[1:])]

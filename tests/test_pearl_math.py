@@ -141,8 +141,11 @@ def test_infer_posterior_uses_softplus_variance_and_product():
     with torch.no_grad():
         out = agent.encoder(ctx).double().numpy()
         mu, var = agent.infer_posterior(ctx)
+        mu_t, var_t = agent.transition_factors(ctx)
     mu_n = out[..., :L]
     var_n = np.log1p(np.exp(out[..., L:]))  # softplus
+    np.testing.assert_allclose(mu_t.numpy(), mu_n, rtol=1e-6)
+    np.testing.assert_allclose(var_t.numpy(), np.maximum(var_n, VAR_MIN), rtol=1e-4)
     ref_mu, ref_var = _pog_numpy(mu_n, var_n)
     np.testing.assert_allclose(var.numpy(), ref_var, rtol=1e-4)
     np.testing.assert_allclose(mu.numpy(), ref_mu, rtol=1e-4, atol=1e-6)

@@ -294,16 +294,23 @@ class PEARL:
     def infer_posterior(self, context: torch.Tensor, mask: torch.Tensor | None = None):
         """Posterior (mu, var), each ``[M, L]``, from contexts ``[M, C, context_dim]`` (or an
         image context dict, see ``context_features``)."""
+        if self.cfg.use_information_bottleneck:
+            return product_of_gaussians(*self.transition_factors(context), mask)
+        out = self.encoder(self.context_features(context))
+        if mask is None:
+            mu = out.mean(-2)
+        else:
+            m = mask.unsqueeze(-1).to(out.dtype)
+            mu = (out * m).sum(-2) / m.sum(-2).clamp(min=1.0)
+        return mu, torch.zeros_like(mu)
+
+    def transition_factors(self, context):
+        """The encoder's per-transition Gaussian factors (mu, var), each ``[..., C, L]`` (var
+        clamped as the product clamps it), whose product is the posterior; information
+        bottleneck only."""
         out = self.encoder(self.context_features(context))
         L = self.dims.latent
-        if not self.cfg.use_information_bottleneck:
-            if mask is None:
-                mu = out.mean(-2)
-            else:
-                m = mask.unsqueeze(-1).to(out.dtype)
-                mu = (out * m).sum(-2) / m.sum(-2).clamp(min=1.0)
-            return mu, torch.zeros_like(mu)
-        return product_of_gaussians(out[..., :L], F.softplus(out[..., L:]), mask)
+        return out[..., :L], F.softplus(out[..., L:]).clamp(min=VAR_MIN)
 
     def sample_z(self, mu: torch.Tensor, var: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """z ~ N(mu, var) by reparameterisation (``eps``: explicit standard normal noise)."""
