@@ -116,7 +116,8 @@ def test_engine_paths_equal_sequential_paths_exactly(family):
 def test_action_map_maps_the_unit_box_onto_the_action_box_and_back():
     import gymnasium as gym
 
-    amap = ActionMap(gym.spaces.Box(low=np.array([-2.0, 0.0, 1.0]), high=np.array([2.0, 1.0, 5.0]), dtype=np.float32))
+    box = gym.spaces.Box(low=np.array([-2.0, 0.0, 1.0], np.float32), high=np.array([2.0, 1.0, 5.0], np.float32))
+    amap = ActionMap(box)
     a = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [0.0, 0.5, -0.5]], np.float32)
     np.testing.assert_array_equal(amap.to_env(a), [[-2.0, 0.0, 1.0], [2.0, 1.0, 5.0], [0.0, 0.75, 2.0]])
     back = amap.to_policy(amap.to_env(a))
