@@ -25,15 +25,14 @@ def _strip(rows):
 
 
 def test_non_tty_output_has_estimates_eta_and_a_summary(tmp_path):
-    dur = r"(?:\d+s|\d+m\d\ds|\d+h\d\dm)"  # format_duration: a loaded machine may take minutes
     code, out, err = run_subprocess(["train", "four-corners", *TINY_TRAIN_ARGS, "--run-dir", tmp_path / "run",
                                      "--no-tensorboard"])
     assert code == 0, err
     assert re.search(r"^estimate: \S+ for 2 iterations of gradient steps alone \([\d.]+ ms per step x 5 per "
                      r"iteration on cpu;.*the last checkpoint will be about [\d.]+ \w+", out, re.M), out
-    assert re.search(r"^iter 1/2 \|.*\| " + dur + " elapsed, eta " + dur + "$", out, re.M), out
-    assert re.search(r"^estimated time to finish: " + dur + r" \([\d.]+ s per iteration, 1 to go\)$", out, re.M), out
-    assert re.search(r"^done in " + dur + r" \(this process\): [\d,]+ env steps, iteration 2; meta_test/success_rate final "
+    assert re.search(r"^iter 1/2 \|.*\| \d+s elapsed, eta \d+s$", out, re.M), out
+    assert re.search(r"^estimated time to finish: \d+s \([\d.]+ s per iteration, 1 to go\)$", out, re.M), out
+    assert re.search(r"^done in \d+s \(this process\): [\d,]+ env steps, iteration 2; meta_test/success_rate final "
                      r"[\d.]+ \(best [\d.]+ at iteration \d\); meta_test/return final", out, re.M), out
     assert f"next: metarelabel eval {tmp_path / 'run'}" in out and "metarelabel plot" in out
 
