@@ -18,7 +18,8 @@ from metarelabel.envs import family_names, make_family
 from metarelabel.errors import MetaRelabelError
 from metarelabel.pearl import make_dims
 from metarelabel.presets import make_config
-from metarelabel.trainer import format_bytes as fmt, checkpoint_bytes
+from metarelabel.fmt import format_bytes as fmt
+from metarelabel.trainer import checkpoint_bytes
 
 
 def size(family: str, preset: str) -> str:

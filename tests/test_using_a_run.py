@@ -269,3 +269,17 @@ def test_sweep_progress_counts_only_finished_runs_and_drops_the_eta_when_stoppin
     assert re.fullmatch(r"2/4 runs done, \d+s elapsed, eta 1m00s", p.status()), p.status()
     p.done += [{"status": "stopped (resumable)", "seconds": 30.0}, {"status": "not started", "seconds": 0.0}]
     assert re.fullmatch(r"2/4 runs done, \d+s elapsed", p.status()), p.status()
+
+
+def test_sweep_parent_never_imports_the_trainer():
+    """The sweep's own process must not import the training code while its runs go on: an
+    import after the source changed on disk mixes two versions of the package (a sweep of
+    hours crashed that way).  Its status and summary lines use only light modules."""
+    code = ("import sys; from metarelabel.sweep import Progress, expand; "
+            "p = Progress(total=2, echo=lambda *_: None); "
+            "p.update({'label': 'x', 'status': 'done', 'seconds': 5.0, 'run_dir': '.', 'log': 'x.log'}); "
+            "p.status(); p.summary(); expand(['four-corners'], ['hfr'], [0], 'quick', 'runs'); "
+            "bad = sorted(m for m in sys.modules if m in ('metarelabel.trainer', 'metarelabel.pearl')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -118,7 +118,7 @@ def cmd_resume(args) -> int:
 def _print_final(last: dict, run_dir: Path, trainer) -> None:
     """Wall time, env steps, final and best meta-test values, and what to run next."""
     from .logger import read_progress
-    from .trainer import format_duration
+    from .fmt import format_duration
 
     wall = format_duration(getattr(trainer, "wall_s", 0.0))
     parts = []

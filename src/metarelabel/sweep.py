@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
+from .fmt import format_duration
 from .rundir import PARENT_ENV, holder_pid
 
 
@@ -262,8 +263,6 @@ class Progress:
         """``k/N runs done, elapsed, eta``: the ETA is the mean time of the runs that ran here
         (not skipped ones) times the runs left, over the parallel workers (rough: it ignores
         how far the running ones are)."""
-        from .trainer import format_duration
-
         elapsed = time.perf_counter() - self.t0
         ran = [r["seconds"] for r in self.done if r["status"] not in ("skipped", "not started")]
         left = self.total - len(self.done)

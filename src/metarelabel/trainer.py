@@ -28,6 +28,7 @@ from .config import LEGACY_DEFAULTS, Config, config_differences
 from .envs import make_family
 from .errors import CheckpointError, ConfigError, NonFiniteError, RunDirError, TrainingDiverged
 from .evaluation import PROTOCOL, Evaluator, train_task_sample
+from .fmt import format_bytes, format_duration
 from .logger import Logger, summary_line, truncate_csv
 from .pearl import PEARL, make_dims
 from .relabel import RelabelContext, make_relabeler
@@ -97,24 +98,6 @@ def checkpoint_bytes(cfg: Config, num_tasks: int, obs_dim: int, act_dim: int, ob
 def _write_json(path: FsPath, obj: dict) -> None:
     """``obj`` as indented JSON, written atomically (``checkpoint.write_atomic``)."""
     ckpt.write_atomic(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def format_duration(seconds: float) -> str:
-    """``42s``, ``12m05s``, ``3h20m``."""
-    s = int(round(max(seconds, 0.0)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Trainer:
