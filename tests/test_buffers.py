@@ -333,3 +333,40 @@ def test_image_buffer_stores_next_frames_that_are_not_the_following_obs():
     buf.add(0, p)
     got = buf.gather([0], np.arange(6)[None])
     np.testing.assert_array_equal(got["next_obs"][0], p["next_obs"])
+
+
+def test_encoder_buffers_draw_whole_paths():
+    """``sample_paths``: k whole paths per task, 1 <= k <= K, without replacement, in the
+    order collected; the mask covers exactly their rows.  A wrapped ring cuts the oldest path
+    where it was overwritten, never joins it to the newest."""
+    buf = EncoderBuffers(2, 30, OBS, ACT)
+    lens = [4, 7, 3, 5]
+    start = 0
+    for n in lens:
+        buf.add_path(0, make_path(0, start, n))
+        start += n
+    buf.add_path(1, make_path(1, 500, 6))
+    want = np.split(np.arange(sum(lens)), np.cumsum(lens)[:-1])
+    assert [list(ids_in_order(buf, 0)[p]) for p in buf.paths(0)] == [list(w) for w in want]
+    rng = np.random.default_rng(0)
+    seen_k = set()
+    for _ in range(200):
+        idx, mask = buf.sample_paths([0, 1, 0], 3, rng)
+        assert idx.shape == mask.shape and mask[:, 0].all()
+        got = buf.gather([0, 1, 0], idx)["rewards"][..., 0] / 10
+        ids = got[0][mask[0]].astype(int)
+        parts = [w for w in want if np.isin(w, ids).any()]
+        assert 1 <= len(parts) <= 3 and sorted(ids) == list(ids)  # in collection order
+        np.testing.assert_array_equal(np.concatenate(parts), ids)  # whole paths, each once
+        seen_k.add(len(parts))
+        np.testing.assert_array_equal(got[1][mask[1]], np.arange(500, 506))  # task 1 holds one path
+        assert np.isin(got[0][~mask[0]], ids).all()  # padding repeats a drawn row
+    assert seen_k == {1, 2, 3}
+    # wrap: 30 rows hold 4 + 7 + 3 + 5 = 19; a 17-row path overwrites path 0 and 2 rows of path 1
+    buf.add_path(0, make_path(0, 100, 17))
+    segs = [list(buf.data["rewards"][0, p, 0] / 10) for p in buf.paths(0)]
+    assert segs == [list(range(6, 11)), list(range(11, 14)), list(range(14, 19)), list(range(100, 117))]
+    # round trip through a checkpoint keeps the path marks
+    other = EncoderBuffers(2, 30, OBS, ACT)
+    other.load_state_dict(buf.state_dict())
+    assert [list(p) for p in other.paths(0)] == [list(p) for p in buf.paths(0)]

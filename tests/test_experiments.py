@@ -330,3 +330,21 @@ def test_results_runs_are_not_git_ignored():
     proc = subprocess.run(["git", "-C", str(root), "check-ignore", "runs/x/progress.csv", "src/runs/a"],
                           capture_output=True, text=True)
     assert len(proc.stdout.split()) == 2  # run directories elsewhere stay ignored
+
+
+def test_plot_groups_runs_written_before_a_config_field_existed_with_its_default(tmp_path):
+    """A config.json without a field added later (here ``context_trajectories``) groups with
+    runs that have the field's default, and apart from runs that set it."""
+    from metarelabel.plot import find_runs, group_runs, load_run
+
+    old = fake_run(tmp_path / "a", "hfr", 0, [1.0], [0.5])
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["context_trajectories"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    fake_run(tmp_path / "b", "hfr", 1, [1.0], [0.5])
+    new = fake_run(tmp_path / "c", "hfr", 2, [1.0], [0.5])
+    cfg = json.loads((new / "config.json").read_text())
+    cfg["context_trajectories"] = 3
+    (new / "config.json").write_text(json.dumps(cfg))
+    groups = group_runs([load_run(p) for p in find_runs([tmp_path])])["four-corners"]
+    assert {k: len(v) for k, v in groups.items()} == {"hfr context_trajectories=0": 2, "hfr context_trajectories=3": 1}

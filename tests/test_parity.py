@@ -265,3 +265,64 @@ def test_tuned_kl_weight_is_exactly_one_adam_step_and_checkpointed():
     assert plain.kl_log_lambda is None and "kl_log_lambda" not in plain.state_dict()
     with pytest.raises(ValueError, match="kl_target"):
         fresh.load_state_dict(plain.state_dict())
+
+
+def _masked_batches(obs: int, act: int, steps: int, pad_fill: float | None = None):
+    """Batches whose contexts are padded to 9 rows, task m keeping its first n_m (1..9)."""
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(steps):
+        batch = random_batch(gen, 3, 17, obs, act)
+        context = torch.randn(3, 9, obs + act + 1, generator=gen)
+        n = torch.tensor([1, 4, 9])[torch.randperm(3, generator=gen)]
+        mask = torch.arange(9)[None] < n[:, None]
+        if pad_fill is not None:
+            context = torch.where(mask[..., None], context, torch.full_like(context, pad_fill))
+        out.append(({**batch, "context_mask": mask}, context))
+    return out
+
+
+def _run(agent, batches):
+    losses = []
+    for step, (batch, context) in enumerate(batches):
+        torch.manual_seed(100 + step)
+        losses.append({k: float(v) for k, v in agent.update(batch, context).items()})
+    return losses, _all_params(agent)
+
+
+@pytest.mark.parametrize("ib", [True, False])
+def test_masked_contexts_lean_equals_reference_and_ignores_padding(ib):
+    """Contexts of whole paths come padded with a mask (``context_trajectories``): the lean
+    step's hand-written backward through the masked posterior equals autograd's, and what the
+    padding holds changes nothing."""
+    kw = dict(seed=3, obs=2, act=2, hidden_dim=48, encoder_hidden_dim=40, kl_lambda=0.7, reward_scale=5.0,
+              lr=1e-3, use_information_bottleneck=ib)
+    ref_l, ref_p = _run(make_agent(grad_step="reference", **kw), _masked_batches(2, 2, 4))
+    lean_l, lean_p = _run(make_agent(grad_step="lean", **kw), _masked_batches(2, 2, 4))
+    other_l, other_p = _run(make_agent(grad_step="lean", **kw), _masked_batches(2, 2, 4, pad_fill=37.0))
+    for a, b, c in zip(lean_l, ref_l, other_l):
+        for k in b:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), k
+            assert c[k] == a[k], k
+    for a, b, c in zip(lean_p, ref_p, other_p):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+    # and the mask is not ignored: unmasked, the same padded contexts give another step
+    plain = [({k: v for k, v in b.items() if k != "context_mask"}, c) for b, c in _masked_batches(2, 2, 4)]
+    plain_l, _ = _run(make_agent(grad_step="lean", **kw), plain)
+    assert plain_l[0]["losses/qf"] != lean_l[0]["losses/qf"]
+
+
+def test_masked_posterior_equals_the_posterior_of_the_kept_rows():
+    """Closed form: a masked context's posterior is the product (or mean) over its kept rows
+    alone, for each task separately."""
+    for ib in (True, False):
+        agent = make_agent(seed=1, obs=2, act=2, use_information_bottleneck=ib)
+        ctx = torch.randn(3, 6, 5)
+        mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+        mu, var = agent.infer_posterior(ctx, mask)
+        for m in range(3):
+            n = int(mask[m].sum())
+            mu1, var1 = agent.infer_posterior(ctx[m: m + 1, :n])
+            torch.testing.assert_close(mu[m], mu1[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(var[m], var1[0], rtol=1e-6, atol=1e-6)

@@ -346,11 +346,15 @@ class DeviceMirror:
 
 class EncoderBuffers(TaskBuffers):
     """Encoder buffers with clear-on-first-write: after ``mark_all_for_clear`` a task's old
-    context is dropped the first time it receives a new path."""
+    context is dropped the first time it receives a new path.  Each ``add`` is one path (or
+    one batch of a path's transitions); its first row is marked, so whole paths can be drawn
+    as contexts (``sample_paths``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.should_clear = np.zeros(self.num_tasks, bool)
+        self.path_start = np.zeros((self.num_tasks, self.capacity), bool)
+        self._paths: dict[int, list[np.ndarray]] = {}  # task -> paths(task), until it changes
 
     def mark_all_for_clear(self) -> None:
         self.should_clear[:] = True
@@ -359,11 +363,62 @@ class EncoderBuffers(TaskBuffers):
         if self.should_clear[task]:
             self.clear(task)
             self.should_clear[task] = False
+        self._paths.pop(int(task), None)
+        n = min(len(transitions["rewards"]), self.capacity)
+        if n:  # the rows this add writes (only the newest `capacity` of a longer batch survive)
+            idx = (self.ptr[task] + np.arange(n)) % self.capacity
+            self.path_start[task, idx] = False
+            self.path_start[task, idx[0]] = True
         super().add(task, transitions, start_obs)
 
+    def paths(self, task: int) -> list[np.ndarray]:
+        """Row indices of each stored path of ``task``, oldest first.  Once the ring has
+        wrapped, the oldest path may have lost its first rows; its remaining rows are a path."""
+        task = int(task)
+        if task not in self._paths:
+            size, ptr = int(self.size[task]), int(self.ptr[task])
+            order = np.arange(size) if size < self.capacity else (ptr + np.arange(size)) % self.capacity
+            cuts = np.union1d(np.flatnonzero(self.path_start[task, order]), [0])
+            self._paths[task] = np.split(order, cuts[1:]) if size else []
+        return self._paths[task]
+
+    def clear(self, task: int) -> None:
+        self._paths.pop(int(task), None)
+        super().clear(task)
+
+    def sample_paths(self, tasks, max_paths: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Per task: k whole paths, k uniform in 1..min(max_paths, paths stored), drawn without
+        replacement and kept in the order they were collected.  Returns row indices ``[M, C]``
+        and a mask ``[M, C]`` (True = a real row; padding repeats a real row), C the longest
+        context of the batch."""
+        tasks = np.asarray(tasks, np.int64)
+        self._check_nonempty(tasks, self.size, "sample_paths")
+        rows = []
+        for t in tasks:
+            segs = self.paths(int(t))
+            k = int(rng.integers(1, min(max_paths, len(segs)) + 1))
+            pick = np.sort(rng.choice(len(segs), size=k, replace=False))
+            rows.append(np.concatenate([segs[i] for i in pick]))
+        C = max(len(r) for r in rows)
+        idx = np.empty((len(tasks), C), np.int64)
+        mask = np.zeros((len(tasks), C), bool)
+        for m, r in enumerate(rows):
+            idx[m, : len(r)] = r
+            idx[m, len(r):] = r[0]
+            mask[m, : len(r)] = True
+        return idx, mask
+
     def state_dict(self):
-        return {**super().state_dict(), "should_clear": self.should_clear.copy()}
+        starts = np.concatenate([self.path_start[t, : self.size[t]] for t in range(self.num_tasks)])
+        return {**super().state_dict(), "should_clear": self.should_clear.copy(), "path_start": starts}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
+        self._paths.clear()
         self.should_clear[:] = state["should_clear"]
+        self.path_start[:] = False
+        starts = state.get("path_start")  # absent in checkpoints written before paths were marked
+        if starts is not None:
+            bounds = np.concatenate([[0], np.cumsum(self.size)])
+            for t in range(self.num_tasks):
+                self.path_start[t, : self.size[t]] = starts[bounds[t]: bounds[t + 1]]

@@ -96,6 +96,11 @@ class Config:
     """Tasks per gradient step (drawn with replacement)."""
     embedding_batch_size: int = _f(1024, lo=1)
     """Context transitions per task (gradient steps and posterior inference)."""
+    context_trajectories: int = _f(0, lo=0)
+    """Contexts of the gradient steps.  0 (PEARL): ``embedding_batch_size`` transitions drawn
+    uniformly from the task's encoder buffer.  K > 0: k whole paths of that buffer, k uniform
+    in 1..K and the paths drawn without replacement (padded and masked in the posterior), the
+    shape of a meta-test context: the agent's own trajectories, few or many, in full."""
     num_train_steps_per_itr: int = _f(1000, lo=0)
     """Gradient steps per iteration."""
     lr: float = _f(3e-4, lo=0.0, lo_open=True, hi=1.0)

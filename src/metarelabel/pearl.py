@@ -415,7 +415,7 @@ class PEARL:
         obs_d = obs.detach() if self.trunk is not None else obs
         rew, term = rew.reshape(n), term.reshape(n)
 
-        mu, var = self.infer_posterior(context)
+        mu, var = self.infer_posterior(context, batch.get("context_mask"))
         z = self.sample_z(mu, var)
         zb = z.unsqueeze(1).expand(M, B, z.shape[-1]).reshape(n, -1)
         zd = zb.detach()
@@ -500,6 +500,8 @@ class PEARL:
 
         # ---- encoder + critics: posterior, z, Q loss, KL ----
         C = context.shape[1]
+        cmask = batch.get("context_mask")  # [M, C] (padded contexts of whole paths) or None
+        keep = None if cmask is None else cmask.unsqueeze(-1).to(context.dtype)
         out, enc_hs = _mlp_forward(self.encoder, context.reshape(M * C, -1))
         if cfg.use_information_bottleneck:
             out = out.view(M, C, 2 * L)
@@ -507,6 +509,8 @@ class PEARL:
             sp = F.softplus(s)
             var_c = sp.clamp(min=VAR_MIN)
             prec = 1.0 / var_c
+            if keep is not None:  # a padded row has no precision; its gradients vanish with it
+                prec = prec * keep
             V = 1.0 / prec.sum(1)
             S = (mu_c * prec).sum(1)
             m = V * S
@@ -516,7 +520,11 @@ class PEARL:
             kl = kl_to_standard_normal(m, V).sum()
         else:
             out = out.view(M, C, L)
-            m = out.mean(1)
+            if keep is None:
+                count, m = C, out.mean(1)
+            else:
+                count = keep.sum(1).clamp(min=1.0)
+                m = (out * keep).sum(1) / count
             z, V = m, None
             kl = torch.zeros((), device=obs.device)
         zb = z.unsqueeze(1).expand(M, B, L).reshape(n, L)
@@ -539,7 +547,9 @@ class PEARL:
             g_sp = (-g_prec * prec * prec) * (sp >= VAR_MIN)
             g_out = torch.cat([g_mu_c, g_sp * torch.sigmoid(s)], -1)
         else:
-            g_out = (g_z / C).unsqueeze(1).expand(M, C, L)
+            g_out = (g_z / count).unsqueeze(1).expand(M, C, L)
+            if keep is not None:
+                g_out = g_out * keep
         _mlp_backward(self.encoder, enc_hs, g_out.reshape(M * C, -1), grads)
         critic_adam.step()
         grads = actor_adam.grads

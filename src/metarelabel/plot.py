@@ -68,8 +68,20 @@ def find_runs(paths) -> list[Path]:
     return sorted(runs)
 
 
+def config_with_defaults(cfg: dict) -> dict:
+    """A run's config.json with the fields added after it was written filled in (the value
+    such a run has: ``LEGACY_DEFAULTS``, else the field's default), so that runs of different
+    versions group by what they computed."""
+    import dataclasses
+
+    from .config import LEGACY_DEFAULTS, Config
+
+    full = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+    return {**full, **LEGACY_DEFAULTS, **cfg}
+
+
 def load_run(run_dir: Path) -> dict:
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = config_with_defaults(json.loads((run_dir / "config.json").read_text()))
     with open(run_dir / "progress.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     cols: dict[str, np.ndarray] = {}

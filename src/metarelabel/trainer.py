@@ -421,9 +421,13 @@ class Trainer:
         rng = self.rng if own else rng
         tasks = rng.integers(0, self.num_tasks, size=cfg.meta_batch)
         idx = self.rl_buf.sample_indices(tasks, cfg.batch_size, rng)
-        cidx = self.enc_buf.sample_indices(tasks, cfg.embedding_batch_size, rng)
+        cmask = None
+        if cfg.context_trajectories:
+            cidx, cmask = self.enc_buf.sample_paths(tasks, cfg.context_trajectories, rng)
+        else:
+            cidx = self.enc_buf.sample_indices(tasks, cfg.embedding_batch_size, rng)
         dev = self.device
-        if self.rl_mirror is not None:  # gathered on the device: only the indices travel, in one copy
+        if self.rl_mirror is not None and cmask is None:  # gathered on the device: only the indices travel, in one copy
             M, B, E = len(tasks), idx.shape[1], cidx.shape[1]
             packed = torch.as_tensor(np.concatenate([tasks, idx.ravel(), cidx.ravel()]), device=dev)
             t_dev = packed[:M]
@@ -434,6 +438,8 @@ class Trainer:
             c = self.enc_buf.gather(tasks, cidx, self.ctx_keys)
         batch = {"obs": b["obs"], "actions": b["actions"], "rewards": b[self.rl_key],
                  "next_obs": b["next_obs"], "terminals": b["terminals"]}
+        if cmask is not None:
+            batch["context_mask"] = cmask
         batch = {k: torch.as_tensor(v, device=dev) for k, v in batch.items()}
         context = context_tensor(context_from(c, self.ctx_key, cfg.use_next_obs_in_context), dev)
         if own:
