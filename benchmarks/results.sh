@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md: hfr / none / hipi / hipi-q / random x seeds 0-4 on four-corners
-# with the `cpu` preset (17-19 min per run on one core), then the figures and the table.
+# with the `cpu` preset (17-19 min per run on one core), the sparse-point-robot comparison
+# (sparse critic: hfr / none / hipi; dense critic: none; seeds 0-4), then the figures and tables.
 #
 #   bash benchmarks/results.sh            # 25 runs, 2 at a time: about 4 h on 2 cores
 #   WORKERS=8 bash benchmarks/results.sh  # on a bigger machine
@@ -26,8 +27,19 @@ sweep() {
 sweep hfr,none
 sweep hfr,none,hipi,hipi-q,random
 
+# sparse-point-robot with the sparse reward for the critic too (hfr, none, hipi), and plain
+# PEARL with the dense critic as the reference (20-24 min per run two at a time)
+sparse() {
+    time metarelabel sweep --families sparse-point-robot --seeds 0,1,2,3,4 --preset cpu \
+        --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
+}
+sparse --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
+sparse --relabel none --root "$ROOT-dense-critic"
+
 # keep the small per-seed files of finished runs (not the checkpoints)
 bash "$(dirname "$0")/keep_runs.sh" "$ROOT" "$OUT/runs"
+bash "$(dirname "$0")/keep_runs.sh" "$ROOT-sparse-critic" "$OUT/runs/sparse-critic"
+bash "$(dirname "$0")/keep_runs.sh" "$ROOT-dense-critic" "$OUT/runs/dense-critic"
 
 time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10 --smooth 5
 metarelabel didactic "$ROOT/four-corners/hfr/s0" --out "$OUT/didactic.png"
