@@ -41,5 +41,9 @@ bash "$(dirname "$0")/keep_runs.sh" "$ROOT" "$OUT/runs"
 bash "$(dirname "$0")/keep_runs.sh" "$ROOT-sparse-critic" "$OUT/runs/sparse-critic"
 bash "$(dirname "$0")/keep_runs.sh" "$ROOT-dense-critic" "$OUT/runs/dense-critic"
 
-time metarelabel plot "$OUT/runs" --out "$OUT" --final-iterations 10 --smooth 5
+time metarelabel plot "$OUT/runs/four-corners" --out "$OUT" --final-iterations 10 --smooth 5
+time metarelabel plot "$OUT/runs/sparse-critic" "$OUT/runs/dense-critic" --out "$OUT/sparse-point-robot" \
+    --final-iterations 10 --smooth 5
+# the sparse-critic target: hfr (sparse critic) against PEARL with the dense critic
+python "$(dirname "$0")/versus.py" "$OUT/runs/sparse-critic/sparse-point-robot/hfr" "$OUT/runs/dense-critic/sparse-point-robot/none"
 metarelabel didactic "$ROOT/four-corners/hfr/s0" --out "$OUT/didactic.png"
