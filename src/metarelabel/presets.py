@@ -168,7 +168,7 @@ CPU: dict[str, dict[str, Any]] = {
     "four-corners": dict(_CPU, meta_batch=4, num_train_steps_per_itr=1000, num_tasks_sample=10,
                          num_steps_posterior=900, discount=0.99, kl_lambda=25.0, num_eval_train_tasks=0),
     # PEARL's recipe: the encoder sees the sparse reward, the critic learns from the dense one
-    # (sparse everywhere did not learn within this budget in pilots).  20 eval tasks: one run
+    # (rl_reward=true, the sparse critic, learns better over 150 iterations: docs/results.md).  20 eval tasks: one run
     # per task, every 5th iteration.
     "sparse-point-robot": dict(_CPU, meta_batch=8, num_train_steps_per_itr=400, num_tasks_sample=5,
                                eval_every=5, eval_runs=1, num_eval_train_tasks=0, rl_reward="dense"),
