@@ -1,15 +1,19 @@
 """The lockstep rollout engine and the lean gradient step against their references, measured
 side by side in one process (alternating, median of ``--repeats`` rounds).  Prints a table and
-ends with exactly one line ``speedups: collect=X eval=Y step=Z iteration=W``.
+ends with exactly one line ``speedups: collect=X eval=Y step=Z iteration=W`` (step and iteration
+with the step ``--step`` names; the line before it gives the other one's).
 
-    python benchmarks/rollouts.py [--repeats 3] [--step-blocks 15] [--no-cheetah]
+    python benchmarks/rollouts.py [--repeats 3] [--step-blocks 15] [--no-cheetah] [--step lean|compiled]
 
 - collect: env steps/s of one iteration's collection on four-corners, 10 task visits of 100
   prior + 900 posterior steps (``cpu`` networks, relabel none), ``rollouts`` sequential vs vector;
 - eval: the four-corners meta-test (4 tasks x 2 runs x 400 steps), sequential vs vector;
-- step: the ``cpu``-shape gradient step (minibatch sampling + update), reference vs lean;
+- step: the ``cpu``-shape gradient step (minibatch sampling + update), reference vs lean and
+  vs compiled (``grad_step=compiled``: the lean step through ``torch.compile``; compiled before
+  timing);
 - iteration: one whole four-corners iteration at the paper's collection rate with the ``cpu``
-  networks, HFR and 1000 gradient steps: (sequential, reference) vs (vector, lean);
+  networks, HFR and 1000 gradient steps: (sequential, reference) vs (vector, lean) and
+  (vector, compiled);
 - cheetah-vel (with the mujoco extra): collection of 10 visits x 400 prior steps.
 """
 from __future__ import annotations
@@ -42,13 +46,18 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def rotated(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn ``repeats`` times."""
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            t.append(fn())
+    return [statistics.median(t) for t in times]
+
+
 def paired(fa, fb, repeats: int) -> tuple[float, float]:
     """Median seconds of ``fa`` and ``fb``, run alternately."""
-    a, b = [], []
-    for _ in range(repeats):
-        a.append(fa())
-        b.append(fb())
-    return statistics.median(a), statistics.median(b)
+    return tuple(rotated((fa, fb), repeats))
 
 
 def collect_rate(tr: Trainer) -> float:
@@ -63,6 +72,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--step-blocks", type=int, default=15, help="alternating blocks of 20 gradient steps")
     ap.add_argument("--no-cheetah", action="store_true")
+    ap.add_argument("--step", default="lean", choices=("lean", "compiled"),
+                    help="the new gradient step the final speedups line reports (default: lean, what auto selects)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -80,21 +91,26 @@ def main() -> None:
     rows.append(("eval four-corners 4 tasks x 2 runs x 400", "s", s, v))
     evaluate = s / v
 
-    # gradient step (both on the same buffers; minibatch sampling included)
-    ref = trainer("four-corners", "cpu", grad_step="reference")
-    lean = trainer("four-corners", "cpu", grad_step="lean")
-    for tr in (ref, lean):
+    # gradient step (same buffers; minibatch sampling included); the compiled step compiles
+    # during its warm-up steps
+    steps = {name: trainer("four-corners", "cpu", grad_step=name) for name in ("reference", "lean", "compiled")}
+    t_compile = timed(lambda: steps["compiled"].train_steps(20))
+    for tr in steps.values():
         tr.train_steps(20)
-    s, v = paired(lambda: timed(lambda: ref.train_steps(20)) / 20, lambda: timed(lambda: lean.train_steps(20)) / 20,
-                  args.step_blocks)
+    s, v, c = rotated([lambda tr=tr: timed(lambda: tr.train_steps(20)) / 20 for tr in steps.values()], args.step_blocks)
     rows.append(("gradient step, cpu shapes (3x64, 4x128, ctx 128)", "ms", s * 1e3, v * 1e3))
-    step = s / v
+    rows.append(("gradient step, cpu shapes, compiled (vs reference)", "ms", s * 1e3, c * 1e3))
+    print(f"compiled step: first 20 steps (compile included) {t_compile:.1f} s")
+    step, step_c = s / v, s / c
 
     # a whole iteration at the paper's collection rate
     old = trainer("four-corners", "cpu", rollouts="sequential", grad_step="reference", relabel="hfr",
                   num_train_steps_per_itr=1000, **PAPER_RATE)
     new = trainer("four-corners", "cpu", rollouts="vector", grad_step="lean", relabel="hfr",
                   num_train_steps_per_itr=1000, **PAPER_RATE)
+    newc = trainer("four-corners", "cpu", rollouts="vector", grad_step="compiled", relabel="hfr",
+                   num_train_steps_per_itr=1000, **PAPER_RATE)
+    newc.train_steps(5)  # compile outside the timed iterations
     phases = {}
 
     def iteration(tr, name):
@@ -103,13 +119,15 @@ def main() -> None:
         phases[name] = {k[5:-2]: row[k] for k in row if k.startswith("time/") and k.endswith("_s")}
         return time.perf_counter() - t0
 
-    s, v = paired(lambda: iteration(old, "old"), lambda: iteration(new, "new"), max(1, args.repeats - 1))
+    s, v, c = rotated((lambda: iteration(old, "old"), lambda: iteration(new, "new"), lambda: iteration(newc, "newc")),
+                      max(1, args.repeats - 1))
     rows.append(("iteration four-corners, paper rate, cpu nets, HFR, 1000 steps", "s", s, v))
-    iteration_x = s / v
+    rows.append(("iteration four-corners, as above, compiled step", "s", s, c))
+    iteration_x, iteration_c = s / v, s / c
 
-    for name in ("old", "new"):
-        print(f"iteration phases ({'sequential + reference' if name == 'old' else 'vector + lean'}): "
-              + ", ".join(f"{k} {v:.2f}s" for k, v in phases[name].items()))
+    names = {"old": "sequential + reference", "new": "vector + lean", "newc": "vector + compiled"}
+    for name, label in names.items():
+        print(f"iteration phases ({label}): " + ", ".join(f"{k} {v:.2f}s" for k, v in phases[name].items()))
 
     if not args.no_cheetah:
         try:
@@ -126,6 +144,10 @@ def main() -> None:
     for name, unit, a, b in rows:
         x = b / a if unit.endswith("/s") else a / b
         print(f"{name:<62} {unit:<12} {a:>10.3f} {b:>10.3f} {x:>7.2f}x")
+    other = "compiled" if args.step == "lean" else "lean"
+    if args.step == "compiled":
+        step, step_c, iteration_x, iteration_c = step_c, step, iteration_c, iteration_x
+    print(f"with grad_step={other}: step={step_c:.2f} iteration={iteration_c:.2f}")
     print(f"speedups: collect={collect:.1f} eval={evaluate:.1f} step={step:.2f} iteration={iteration_x:.2f}")
 
 

@@ -49,8 +49,10 @@ class Config:
     """Rollout engine: `vector` steps all task visits (collection) and all (task, run) pairs
     (evaluation) in lockstep with one policy call per step; `sequential` is the
     one-environment-at-a-time reference."""
-    grad_step: str = _f("auto", choices=("auto", "lean", "reference"))
+    grad_step: str = _f("auto", choices=("auto", "lean", "compiled", "reference"))
     """Gradient step: `lean` (hand-written backward, two fused Adam calls; vector observations
+    only), `compiled` (the lean step compiled by `torch.compile`'s inductor backend: fused C++
+    kernels; needs a C++ compiler, compiles for about 10-40 s on first use; vector observations
     only), `reference` (autograd, the textbook order), `auto` = lean where it applies."""
     num_iterations: int = _f(300, lo=1)
     """Meta-training iterations (after the initial collection)."""
@@ -211,9 +213,9 @@ class Config:
             raise ConfigError(
                 f"embedding_batch_size: {self.embedding_batch_size} exceeds what the encoder/sampler buffers can hold "
                 f"({hold} transitions with these collection settings)")
-        if self.grad_step == "lean" and getattr(fam, "image_obs", False):
-            raise ConfigError(f"grad_step: lean supports vector observations only; {self.family} has images "
-                              "(use auto or reference)")
+        if self.grad_step in ("lean", "compiled") and getattr(fam, "image_obs", False):
+            raise ConfigError(f"grad_step: {self.grad_step} supports vector observations only; {self.family} has "
+                              "images (use auto or reference)")
         if self.kl_target > 0 and not (self.use_information_bottleneck and self.kl_lambda > 0):
             raise ConfigError("kl_target: needs use_information_bottleneck and a starting kl_lambda > 0")
         if self.learned_reward and self.relabel not in ("hfr", "hfr-bellman"):

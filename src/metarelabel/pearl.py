@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .networks import (FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, SQUASH_EPS, ContextEncoder, ConvTrunk,
                        TanhGaussianPolicy, TwinQ, squash_log_det)
 
@@ -206,6 +207,7 @@ class FlatAdam:
             self.grads[p] = self.grad[start:end].view_as(p)
             start = end
 
+    @torch.compiler.disable  # the compiled step calls it eagerly (inductor cannot trace _fused_adam_)
     def step(self) -> None:
         self.steps.add_(1)
         torch._fused_adam_([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps[0]],
@@ -271,6 +273,7 @@ class PEARL:
             self.trunk = ConvTrunk(dims.obs_shape, dims.feature_dim).to(device)
             self.optimizers["trunk"] = torch.optim.Adam(self.trunk.parameters(), **adam)
         self._flat = None  # the lean step's FlatAdam groups, built on first use
+        self._compiled = None  # grad_step compiled: torch.compile(update_lean), built on first use
 
     # ---- observations --------------------------------------------------------------------
     def embed_obs(self, obs: torch.Tensor) -> torch.Tensor:
@@ -378,9 +381,9 @@ class PEARL:
     def lean(self) -> bool:
         """Whether ``update`` runs the lean step (``grad_step``; vector observations only)."""
         mode = getattr(self.cfg, "grad_step", "reference")
-        if mode == "lean" and self.trunk is not None:
-            raise ValueError("grad_step: lean supports vector observations only (use auto or reference)")
-        return mode == "lean" or (mode == "auto" and self.trunk is None)
+        if mode in ("lean", "compiled") and self.trunk is not None:
+            raise ValueError(f"grad_step: {mode} supports vector observations only (use auto or reference)")
+        return mode in ("lean", "compiled") or (mode == "auto" and self.trunk is None)
 
     def kl_weight(self):
         """The KL weight of the next step: ``kl_lambda``, or exp(log_lambda) (a 0-d tensor)."""
@@ -399,7 +402,28 @@ class PEARL:
         """One PEARL gradient step on batches ``[M, B, .]`` and contexts ``[M, C, .]``
         (``update_lean`` or ``update_reference``, by ``grad_step``).  Returns detached loss
         tensors (no host synchronisation)."""
+        if getattr(self.cfg, "grad_step", "reference") == "compiled":
+            return self.update_compiled(batch, context)
         return self.update_lean(batch, context) if self.lean else self.update_reference(batch, context)
+
+    def update_compiled(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``update_lean`` compiled by ``torch.compile`` (inductor): the same operations, with
+        the elementwise work fused into a few C++ loops, in three graphs split at the two Adam
+        calls (which run eagerly).  Random draws come from the same generator in the same order
+        (``fallback_random``); results equal the lean step's to float rounding, and are
+        deterministic on a given machine.  A machine where inductor cannot compile (no C++
+        compiler) raises ``ConfigError`` (one line) on the first step."""
+        self.flat_adam()  # built eagerly: it rebinds parameters to views, nothing to trace
+        if self._compiled is None:
+            self._compiled = torch.compile(self.update_lean, options={"fallback_random": True})
+            try:
+                return self._compiled(batch, context)
+            except Exception as exc:  # noqa: BLE001 - a failed compile is an environment problem
+                self._compiled = None
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ConfigError(f"grad_step: compiled: torch.compile failed on this machine ({type(exc).__name__}: "
+                                   f"{first[:300]}); use grad_step=lean") from None
+        return self._compiled(batch, context)
 
     def update_reference(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
         """The reference step: autograd, three backward passes in the textbook order."""
@@ -477,6 +501,13 @@ class PEARL:
         self._tune_kl_weight(kl, M, out)
         return out
 
+    def flat_adam(self) -> tuple[FlatAdam, FlatAdam]:
+        """The lean step's two Adam groups (critics + encoder; V + policy), built on first use."""
+        if self._flat is None:
+            self._flat = (FlatAdam((self.optimizers["qf"], self.optimizers["encoder"])),
+                          FlatAdam((self.optimizers["vf"], self.optimizers["policy"])))
+        return self._flat
+
     @torch.no_grad()
     def update_lean(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
         """The same step as ``update_reference`` (same losses, same random draws in the same
@@ -492,10 +523,7 @@ class PEARL:
         o, a = obs.shape[-1], act.shape[-1]
         obs, act, nxt = obs.reshape(n, -1), act.reshape(n, -1), nxt.reshape(n, -1)
         rew, term = rew.reshape(n), term.reshape(n)
-        if self._flat is None:
-            self._flat = (FlatAdam((self.optimizers["qf"], self.optimizers["encoder"])),
-                          FlatAdam((self.optimizers["vf"], self.optimizers["policy"])))
-        critic_adam, actor_adam = self._flat
+        critic_adam, actor_adam = self.flat_adam()
         grads = critic_adam.grads
 
         # ---- encoder + critics: posterior, z, Q loss, KL ----
