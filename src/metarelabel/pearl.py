@@ -207,7 +207,6 @@ class FlatAdam:
             self.grads[p] = self.grad[start:end].view_as(p)
             start = end
 
-    @torch.compiler.disable  # the compiled step calls it eagerly (inductor cannot trace _fused_adam_)
     def step(self) -> None:
         self.steps.add_(1)
         torch._fused_adam_([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps[0]],
@@ -413,7 +412,9 @@ class PEARL:
         (``fallback_random``); results equal the lean step's to float rounding, and are
         deterministic on a given machine.  A machine where inductor cannot compile (no C++
         compiler) raises ``ConfigError`` (one line) on the first step."""
-        self.flat_adam()  # built eagerly: it rebinds parameters to views, nothing to trace
+        for group in self.flat_adam():  # built eagerly: it rebinds parameters to views, nothing to trace
+            if "step" not in vars(group):  # inductor cannot trace _fused_adam_: Adam runs eagerly
+                group.step = torch.compiler.disable(group.step)
         if self._compiled is None:
             self._compiled = torch.compile(self.update_lean, options={"fallback_random": True})
             try:
