@@ -144,10 +144,10 @@ def main() -> None:
     for name, unit, a, b in rows:
         x = b / a if unit.endswith("/s") else a / b
         print(f"{name:<62} {unit:<12} {a:>10.3f} {b:>10.3f} {x:>7.2f}x")
+    by_step = {"lean": (step, iteration_x), "compiled": (step_c, iteration_c)}
     other = "compiled" if args.step == "lean" else "lean"
-    if args.step == "compiled":
-        step, step_c, iteration_x, iteration_c = step_c, step, iteration_c, iteration_x
-    print(f"with grad_step={other}: step={step_c:.2f} iteration={iteration_c:.2f}")
+    print(f"with grad_step={other}: step={by_step[other][0]:.2f} iteration={by_step[other][1]:.2f}")
+    step, iteration_x = by_step[args.step]
     print(f"speedups: collect={collect:.1f} eval={evaluate:.1f} step={step:.2f} iteration={iteration_x:.2f}")
 
 

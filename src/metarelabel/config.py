@@ -52,7 +52,7 @@ class Config:
     grad_step: str = _f("auto", choices=("auto", "lean", "compiled", "reference"))
     """Gradient step: `lean` (hand-written backward, two fused Adam calls; vector observations
     only), `compiled` (the lean step compiled by `torch.compile`'s inductor backend: fused C++
-    kernels; needs a C++ compiler, compiles for about 10-40 s on first use; vector observations
+    kernels; needs a C++ compiler, compiles for about 10-70 s on first use; vector observations
     only), `reference` (autograd, the textbook order), `auto` = lean where it applies."""
     num_iterations: int = _f(300, lo=1)
     """Meta-training iterations (after the initial collection)."""

@@ -401,9 +401,11 @@ class PEARL:
         """One PEARL gradient step on batches ``[M, B, .]`` and contexts ``[M, C, .]``
         (``update_lean`` or ``update_reference``, by ``grad_step``).  Returns detached loss
         tensors (no host synchronisation)."""
-        if getattr(self.cfg, "grad_step", "reference") == "compiled":
+        if not self.lean:
+            return self.update_reference(batch, context)
+        if self.cfg.grad_step == "compiled":
             return self.update_compiled(batch, context)
-        return self.update_lean(batch, context) if self.lean else self.update_reference(batch, context)
+        return self.update_lean(batch, context)
 
     def update_compiled(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
         """``update_lean`` compiled by ``torch.compile`` (inductor): the same operations, with
