@@ -105,12 +105,12 @@ class TanhGaussianPolicy(nn.Module):
         with the same draw ``forward`` makes."""
         h = x
         for lin in self.net.hidden:  # the layers of ``trunk``, without the module-call overhead
-            h = torch.addmm(lin.bias, h, lin.weight.t()).relu_()
+            h = F.linear(h, lin.weight, lin.bias).relu_()
         out = self.net.out
-        mean = torch.addmm(out.bias, h, out.weight.t())
+        mean = F.linear(h, out.weight, out.bias)
         if deterministic:
             return mean.tanh_()
-        std = torch.addmm(self.log_std.bias, h, self.log_std.weight.t()).clamp_(LOG_STD_MIN, LOG_STD_MAX).exp_()
+        std = F.linear(h, self.log_std.weight, self.log_std.bias).clamp_(LOG_STD_MIN, LOG_STD_MAX).exp_()
         return torch.tanh(mean + std * torch.randn_like(mean))
 
     def forward(self, x: torch.Tensor, deterministic: bool = False, eps: torch.Tensor | None = None):

@@ -75,6 +75,7 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
     obs = None
     rows: dict[str, np.ndarray] = {}  # field -> [lanes, H, ...]: the running trajectories
     flat: dict[str, np.ndarray] = {}  # the same arrays as [lanes * H, ...] views
+    infos: list = []  # (flat view, info key) of the family's info fields
     total = 0
     while True:
         # lanes without a running trajectory: ask their job (or the next one) for one
@@ -103,23 +104,39 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
         active = np.flatnonzero(running)
         if len(active) == 0:
             return total
-        actions = agent.act_batch(obs[active], z[active], deterministic)
+        full = len(active) == n  # every lane running (most steps): whole arrays, no gathers
+        obs_a = obs if full else obs[active]
+        actions = agent.act_batch(obs_a, z if full else z[active], deterministic)
         env_actions = amap.to_env(actions)
         next_obs, rew, term, trunc, info = venv.step(active, env_actions)
         total += len(active)
-        step = {"obs": obs[active], "actions": actions, "rewards": rew, "dense_rewards": info["dense_reward"],
-                "terminals": term, "next_obs": next_obs, "success": info["success"]}
-        step.update({"info:" + k: v for k, v in info.items() if k not in ("success", "dense_reward")})
-        at = active * H + t[active]  # rows of the flat [lanes * H, ...] views
-        for k, v in step.items():
-            if k not in rows:
+        t_a = t if full else t[active]
+        at = active * H + t_a  # rows of the flat [lanes * H, ...] views
+        if not rows:
+            first = {"obs": obs_a, "actions": actions, "rewards": rew, "dense_rewards": info["dense_reward"],
+                     "terminals": term, "next_obs": next_obs, "success": info["success"]}
+            first.update({"info:" + k: v for k, v in info.items() if k not in ("success", "dense_reward")})
+            for k, v in first.items():
                 v = np.asarray(v)
                 rows[k] = np.zeros((n, H) + v.shape[1:], v.dtype)
                 flat[k] = rows[k].reshape((n * H,) + v.shape[1:])
-            flat[k][at] = v
-        obs[active] = next_obs
-        t[active] += 1
-        done = np.asarray(term, bool) | np.asarray(trunc, bool) | (t[active] >= H)
+            infos = [(flat[k], k[5:]) for k in rows if k.startswith("info:")]
+        flat["obs"][at] = obs_a
+        flat["actions"][at] = actions
+        flat["rewards"][at] = rew
+        flat["dense_rewards"][at] = info["dense_reward"]
+        flat["terminals"][at] = term
+        flat["next_obs"][at] = next_obs
+        flat["success"][at] = info["success"]
+        for dest, k in infos:
+            dest[at] = info[k]
+        if full:
+            obs[:] = next_obs
+            t += 1
+        else:
+            obs[active] = next_obs
+            t[active] += 1
+        done = np.asarray(term, bool) | np.asarray(trunc, bool) | ((t if full else t[active]) >= H)
         finished = []
         for i in active[done]:
             path = _make_path(rows, i, int(t[i]), job[i].task, odt)

@@ -87,14 +87,21 @@ class PointVector(VectorEnv):
 
     def step(self, lanes, actions):
         delta = np.clip(np.asarray(actions, np.float64), -0.1, 0.1)
-        pos = self.pos[lanes] + delta
-        self.pos[lanes] = pos
-        self.t[lanes] += 1
+        if len(lanes) == self.num_lanes:  # every lane (lanes are sorted): whole arrays
+            pos = self.pos + delta
+            self.pos[:] = pos
+            self.t += 1
+            t, task = self.t, self.task
+        else:
+            pos = self.pos[lanes] + delta
+            self.pos[lanes] = pos
+            self.t[lanes] += 1
+            t, task = self.t[lanes], self.task[lanes]
         info = {"pos": pos}
-        r, term, success, dense = self.family.step_rewards(info, self.task[lanes])
+        r, term, success, dense = self.family.step_rewards(info, task)
         info["success"] = success
         info["dense_reward"] = dense
-        truncated = (self.t[lanes] >= self.family.horizon) & ~term
+        truncated = (t >= self.family.horizon) & ~term
         return pos.astype(np.float32), r, term, truncated, info
 
     def get_state(self):
