@@ -224,6 +224,30 @@ def test_lean_step_equals_reference_with_the_release_squash():
     torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("ib", [True, False])
+def test_z_noise_lean_equals_reference_and_changes_the_step(ib):
+    """``z_noise``: the same extra draw in both steps (after the posterior sample), so lean and
+    reference still agree; the step differs from the step without it, and the noise reaches the
+    critics' inputs (Q loss changes) while the KL term, a function of the posterior alone, does not."""
+    lean, ref = _lean_vs_reference(ib, 2, 2, steps=3, z_noise=0.7)
+    for a, b in zip(_all_params(lean), _all_params(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    kw = dict(seed=3, obs=2, act=2, hidden_dim=48, encoder_hidden_dim=40, kl_lambda=0.7, reward_scale=5.0, lr=1e-3,
+              use_information_bottleneck=ib)
+    plain, noisy = make_agent(grad_step="reference", **kw), make_agent(grad_step="reference", z_noise=0.7, **kw)
+    gen = torch.Generator().manual_seed(11)
+    batch = random_batch(gen, 3, 17, 2, 2)
+    context = torch.randn(3, 9, 5, generator=gen)
+    torch.manual_seed(100)
+    a = plain.update(batch, context)
+    torch.manual_seed(100)
+    b = noisy.update(batch, context)
+    assert float(a["losses/qf"]) != float(b["losses/qf"])
+    torch.testing.assert_close(a["losses/kl"], b["losses/kl"])
+    # and the networks end the step elsewhere
+    assert any(not torch.equal(p, q) for p, q in zip(_all_params(plain), _all_params(noisy)))
+
+
 @pytest.mark.parametrize("target", [1e-3, 1e3])
 def test_tuned_kl_weight_first_step_and_lean_equals_reference(target):
     """``kl_target``: a step uses the weight exp(log kl_lambda) it starts with, then moves log

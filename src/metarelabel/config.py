@@ -121,6 +121,12 @@ class Config:
     (target - KL per task), as SAC tunes its entropy temperature.  A departure from PEARL and
     the release, meant to keep the task posteriors broad enough to cover the prior that the
     meta-test's exploration samples from."""
+    z_noise: float = _f(0.0, lo=0.0)
+    """Std of extra Gaussian noise added to the sampled z in the gradient steps only (every
+    network that reads z: critics, V, target V, policy; the encoder's gradient through z is
+    unchanged).  0 (PEARL, the release): none.  Above 0 the policy and critics are trained on a
+    ball around each task's posterior, so that prior draws at meta-test that fall between the
+    tight task posteriors still meet a trained policy.  A departure, for the Four-Corners pilots."""
     use_information_bottleneck: bool = True
     """Sample z from the product-of-Gaussians posterior (False: deterministic mean)."""
     use_next_obs_in_context: bool = False
