@@ -321,6 +321,30 @@ def test_family_reward_definitions_vectorized(family):
     assert s.any()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pairwise_step_rewards_equal_the_batched_reward_diagonal(family):
+    """The vector engine's ``step_rewards`` (computed pair by pair) gives bit for bit the (step i,
+    task i) entries of ``reward`` / ``dense_reward``, as the generic diagonal implementation does;
+    positions include the goal discs and the edges of the -3 squares."""
+    from metarelabel.envs.base import TaskFamily
+
+    env = make_family(family)
+    rng = np.random.default_rng(2)
+    k = 400
+    tasks = rng.integers(env.num_tasks, size=k)
+    pos = rng.uniform(-1.3, 1.3, size=(k, 2))
+    pos[:100] = env.tasks[tasks[:100]] + rng.normal(scale=0.15, size=(100, 2))
+    pos[100:140] = rng.choice([-0.5, -0.1, 0.0, 0.1, 0.5], size=(40, 2))  # exactly on the square edges
+    infos = {"pos": pos}
+    got = env.step_rewards(infos, tasks)
+    want = TaskFamily.step_rewards(env, infos, tasks)
+    assert type(env).step_rewards is not TaskFamily.step_rewards
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == (k,)
+        np.testing.assert_array_equal(g, w)
+    assert want[2].any() and not want[2].all()
+
+
 # ---- task sets and the global RNG --------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_task_seed(family):

@@ -58,6 +58,17 @@ class _PointFamily(TaskFamily):
     def _dist(self, infos: Infos, tasks) -> np.ndarray:
         return goal_distance(infos["pos"], self.tasks[task_index(tasks)])  # [K, T]
 
+    def _pair_dist(self, infos: Infos, tasks) -> np.ndarray:
+        """Distance ``[k]`` of step i to task ``tasks[i]``'s goal: elementwise the arithmetic of
+        ``goal_distance`` (so each value equals its (task, step) entry there)."""
+        pos = np.asarray(infos["pos"], np.float64)
+        goals = self.tasks[task_index(tasks)]
+        sq = None
+        for d in range(goals.shape[1]):
+            diff = pos[:, d] - goals[:, d]
+            sq = diff * diff if sq is None else sq + diff * diff
+        return np.sqrt(sq)
+
     def vector_env(self, seeds) -> "PointVector":
         return PointVector(self, seeds)
 
@@ -143,6 +154,17 @@ class FourCorners(_PointFamily):
         rewards = np.where(success, 0.0, penalty)
         return rewards, success.copy(), success
 
+    def step_rewards(self, infos, tasks):
+        """``reward``'s (step i, task i) entries computed pairwise (the vector engine's step)."""
+        pos = np.asarray(infos["pos"], np.float64)
+        goals = self.tasks[task_index(tasks)]
+        success = self._pair_dist(infos, tasks) <= SUCCESS_RADIUS
+        ax, ay = np.abs(pos[:, 0]), np.abs(pos[:, 1])
+        in_square = (ax > 0.1) & (ax < 0.5) & (ay > 0.1) & (ay < 0.5)
+        same_quadrant = (np.sign(pos[:, 0]) == np.sign(goals[:, 0])) & (np.sign(pos[:, 1]) == np.sign(goals[:, 1]))
+        rewards = np.where(success, 0.0, np.where(in_square & same_quadrant, -3.0, -1.0))
+        return rewards, success.copy(), success.copy(), rewards.copy()
+
 
 class PointRobot(_PointFamily):
     """PEARL's dense point robot: goals uniform in [-1, 1]^2, random start, reward -||p - g||."""
@@ -162,6 +184,11 @@ class PointRobot(_PointFamily):
         dist = self._dist(infos, tasks)
         success = dist <= SUCCESS_RADIUS
         return -dist, np.zeros_like(success), success
+
+    def step_rewards(self, infos, tasks):
+        """``reward``'s (step i, task i) entries computed pairwise (the vector engine's step)."""
+        dist = self._pair_dist(infos, tasks)
+        return -dist, np.zeros(len(dist), bool), dist <= SUCCESS_RADIUS, -dist
 
 
 class SparsePointRobot(_PointFamily):
@@ -185,3 +212,9 @@ class SparsePointRobot(_PointFamily):
 
     def dense_reward(self, infos, tasks):
         return -self._dist(infos, tasks)
+
+    def step_rewards(self, infos, tasks):
+        """``reward``'s and ``dense_reward``'s (step i, task i) entries computed pairwise."""
+        dist = self._pair_dist(infos, tasks)
+        success = dist <= SUCCESS_RADIUS
+        return np.where(success, 1.0 - dist, 0.0), np.zeros(len(dist), bool), success, -dist
