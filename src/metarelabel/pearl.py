@@ -550,8 +550,6 @@ class PEARL:
             eps = torch.randn_like(m)
             sd = V.sqrt()
             z = m + sd * eps
-            if cfg.z_noise > 0:  # dz/dm and dz/dV are unchanged
-                z = z + cfg.z_noise * torch.randn_like(z)
             kl = kl_to_standard_normal(m, V).sum()
         else:
             out = out.view(M, C, L)
@@ -561,9 +559,9 @@ class PEARL:
                 count = keep.sum(1).clamp(min=1.0)
                 m = (out * keep).sum(1) / count
             z, V = m, None
-            if cfg.z_noise > 0:
-                z = z + cfg.z_noise * torch.randn_like(z)
             kl = torch.zeros((), device=obs.device)
+        if cfg.z_noise > 0:  # dz/dm and dz/dV are unchanged
+            z = z + cfg.z_noise * torch.randn_like(z)
         zb = z.unsqueeze(1).expand(M, B, L).reshape(n, L)
         q, q_hs = _twin_forward(self.qf, torch.cat([obs, act, zb], -1))
         v_next = self.target_vf(torch.cat([nxt, zb], -1)).squeeze(-1)

@@ -130,13 +130,14 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
         flat["success"][at] = info["success"]
         for dest, k in infos:
             dest[at] = info[k]
+        t_now = t_a + 1  # a new array: t_a may be t itself
         if full:
             obs[:] = next_obs
-            t += 1
+            t[:] = t_now
         else:
             obs[active] = next_obs
-            t[active] += 1
-        done = np.asarray(term, bool) | np.asarray(trunc, bool) | ((t if full else t[active]) >= H)
+            t[active] = t_now
+        done = np.asarray(term, bool) | np.asarray(trunc, bool) | (t_now >= H)
         finished = []
         for i in active[done]:
             path = _make_path(rows, i, int(t[i]), job[i].task, odt)

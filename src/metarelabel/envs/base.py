@@ -28,9 +28,20 @@ def goal_distance(points: np.ndarray, goals: np.ndarray) -> np.ndarray:
     """Euclidean distance ``[K, T]`` between points ``[T, >=D]`` (their first D coordinates)
     and goals ``[K, D]``; coordinates are summed in order, so every caller gets the same floats."""
     points = np.asarray(points, np.float64)
+    return _norm(points[None, :, d] - goals[:, None, d] for d in range(goals.shape[1]))
+
+
+def pair_distance(points: np.ndarray, goals: np.ndarray) -> np.ndarray:
+    """Distance ``[k]`` of point i to goal i (``points [k, >=D]``, ``goals [k, D]``): each value
+    equals the (i, i) entry of ``goal_distance`` (the same sum in the same order)."""
+    points = np.asarray(points, np.float64)
+    return _norm(points[:, d] - goals[:, d] for d in range(goals.shape[1]))
+
+
+def _norm(diffs) -> np.ndarray:
+    """sqrt of the sum of squares of per-coordinate differences, summed in coordinate order."""
     sq = None
-    for d in range(goals.shape[1]):
-        diff = points[None, :, d] - goals[:, None, d]
+    for diff in diffs:
         sq = diff * diff if sq is None else sq + diff * diff
     return np.sqrt(sq)
 

@@ -11,7 +11,7 @@ from gymnasium import spaces
 
 from gymnasium.utils import seeding
 
-from .base import Infos, TaskFamily, VectorEnv, goal_distance, task_index
+from .base import Infos, TaskFamily, VectorEnv, goal_distance, pair_distance, task_index
 
 SUCCESS_RADIUS = 0.2
 
@@ -59,15 +59,7 @@ class _PointFamily(TaskFamily):
         return goal_distance(infos["pos"], self.tasks[task_index(tasks)])  # [K, T]
 
     def _pair_dist(self, infos: Infos, tasks) -> np.ndarray:
-        """Distance ``[k]`` of step i to task ``tasks[i]``'s goal: elementwise the arithmetic of
-        ``goal_distance`` (so each value equals its (task, step) entry there)."""
-        pos = np.asarray(infos["pos"], np.float64)
-        goals = self.tasks[task_index(tasks)]
-        sq = None
-        for d in range(goals.shape[1]):
-            diff = pos[:, d] - goals[:, d]
-            sq = diff * diff if sq is None else sq + diff * diff
-        return np.sqrt(sq)
+        return pair_distance(infos["pos"], self.tasks[task_index(tasks)])  # [k]: step i, task i
 
     def vector_env(self, seeds) -> "PointVector":
         return PointVector(self, seeds)
@@ -140,30 +132,28 @@ class FourCorners(_PointFamily):
     def make_tasks(self, rng):
         return np.array([[-1.0, -1.0], [1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])
 
+    @staticmethod
+    def _rewards(pos: np.ndarray, goals: np.ndarray, dist: np.ndarray):
+        """Rewards and success for positions ``pos [..., 2]`` under goals ``goals [..., 2]`` at
+        distances ``dist`` (all broadcast together): 0 within the radius, else -3 in the goal's
+        own square, else -1."""
+        success = dist <= SUCCESS_RADIUS
+        ax, ay = np.abs(pos[..., 0]), np.abs(pos[..., 1])
+        in_square = (ax > 0.1) & (ax < 0.5) & (ay > 0.1) & (ay < 0.5)
+        same_quadrant = (np.sign(pos[..., 0]) == np.sign(goals[..., 0])) & (np.sign(pos[..., 1]) == np.sign(goals[..., 1]))
+        return np.where(success, 0.0, np.where(in_square & same_quadrant, -3.0, -1.0)), success
+
     def reward(self, infos, tasks):
         pos = np.asarray(infos["pos"], np.float64)
         goals = self.tasks[np.asarray(tasks, np.int64)]
-        dist = self._dist(infos, tasks)
-        success = dist <= SUCCESS_RADIUS
-        ax, ay = np.abs(pos[:, 0]), np.abs(pos[:, 1])
-        in_square = (ax > 0.1) & (ax < 0.5) & (ay > 0.1) & (ay < 0.5)  # [T]
-        same_quadrant = (np.sign(pos[None, :, 0]) == np.sign(goals[:, None, 0])) & (
-            np.sign(pos[None, :, 1]) == np.sign(goals[:, None, 1])
-        )
-        penalty = np.where(in_square[None, :] & same_quadrant, -3.0, -1.0)
-        rewards = np.where(success, 0.0, penalty)
+        rewards, success = self._rewards(pos[None], goals[:, None], self._dist(infos, tasks))  # [K, T]
         return rewards, success.copy(), success
 
     def step_rewards(self, infos, tasks):
         """``reward``'s (step i, task i) entries computed pairwise (the vector engine's step)."""
         pos = np.asarray(infos["pos"], np.float64)
-        goals = self.tasks[task_index(tasks)]
-        success = self._pair_dist(infos, tasks) <= SUCCESS_RADIUS
-        ax, ay = np.abs(pos[:, 0]), np.abs(pos[:, 1])
-        in_square = (ax > 0.1) & (ax < 0.5) & (ay > 0.1) & (ay < 0.5)
-        same_quadrant = (np.sign(pos[:, 0]) == np.sign(goals[:, 0])) & (np.sign(pos[:, 1]) == np.sign(goals[:, 1]))
-        rewards = np.where(success, 0.0, np.where(in_square & same_quadrant, -3.0, -1.0))
-        return rewards, success.copy(), success.copy(), rewards.copy()
+        rewards, success = self._rewards(pos, self.tasks[task_index(tasks)], self._pair_dist(infos, tasks))
+        return rewards, success.copy(), success, rewards.copy()
 
 
 class PointRobot(_PointFamily):
