@@ -370,3 +370,66 @@ def test_encoder_buffers_draw_whole_paths():
     other = EncoderBuffers(2, 30, OBS, ACT)
     other.load_state_dict(buf.state_dict())
     assert [list(p) for p in other.paths(0)] == [list(p) for p in buf.paths(0)]
+
+
+def _buffer_state(buf):
+    state = {k: v.copy() for k, v in buf.data.items()}
+    state.update(size=buf.size.copy(), ptr=buf.ptr.copy())
+    if buf.store_starts:
+        state.update(starts=buf.starts.copy(), start_size=buf.start_size.copy(), start_ptr=buf.start_ptr.copy())
+    if isinstance(buf, EncoderBuffers):
+        state.update(should_clear=buf.should_clear.copy(), path_start=buf.path_start.copy())
+    return state
+
+
+@pytest.mark.parametrize("cls", [TaskBuffers, EncoderBuffers])
+def test_add_many_equals_the_adds_one_by_one(cls):
+    """One write per field for a batch of paths leaves every array (data, rings, starts,
+    path starts, clear flags) exactly as the same adds one by one: repeated tasks in one
+    batch, wrap-around, an empty add, and the fallbacks (a task over its capacity)."""
+    rng = np.random.default_rng(0)
+    one, many = (cls(4, 23, OBS, ACT, store_starts=True) for _ in range(2))
+    if cls is EncoderBuffers:
+        for b in (one, many):
+            b.add(1, rows(0, 5))
+            b.mark_all_for_clear()
+    start = 100
+    for batch in range(12):
+        items = []
+        for _ in range(int(rng.integers(2, 7))):
+            n = int(rng.integers(0 if batch == 3 else 1, 9))
+            t = int(rng.integers(0, 4))
+            items.append((t, rows(start, n), rows(start, max(n, 1))["obs"][0] if rng.random() < 0.7 else None))
+            start += n
+        if batch == 5:  # task 2 gets more than its capacity in one batch: the one-by-one fallback
+            items += [(2, rows(start, 20), None), (2, rows(start + 20, 10), None)]
+            start += 30
+        if batch == 8 and cls is EncoderBuffers:
+            for b in (one, many):
+                b.mark_all_for_clear()
+        for t, tr, s in items:
+            one.add(t, tr, s)
+        many.add_many(items)
+        a, b = _buffer_state(one), _buffer_state(many)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"batch {batch}: {k}")
+        if cls is EncoderBuffers:
+            for t in range(4):
+                assert [list(p) for p in one.paths(t)] == [list(p) for p in many.paths(t)]
+    # the rings wrapped (the encoder buffer's were cleared again after batch 8)
+    assert np.all(one.size == 23) if cls is TaskBuffers else one.size.max() == 23
+
+
+def test_add_paths_feeds_the_device_mirror_like_add_path():
+    from metarelabel.buffers import DeviceMirror
+
+    one, many = TaskBuffers(3, 17, OBS, ACT), TaskBuffers(3, 17, OBS, ACT)
+    mirrors = DeviceMirror(one, "cpu"), DeviceMirror(many, "cpu")
+    paths = [make_path(t, 10 * i, 4 + i % 5) for i, t in enumerate([0, 2, 0, 1, 0, 2, 2])]
+    for p in paths:
+        one.add_path(p.task, p, with_start=False)
+    many.add_paths([p.task for p in paths], paths, with_start=False)
+    for k in mirrors[0].keys:
+        np.testing.assert_array_equal(mirrors[0].data[k].numpy(), mirrors[1].data[k].numpy(), err_msg=k)
+    _assert_mirror_equals_host(many, mirrors[1], np.random.default_rng(1))

@@ -367,7 +367,10 @@ def test_relabeled_path_filing_truncates_only_when_asked(tmp_path, truncate):
     p = Path(obs=o, actions=np.zeros_like(o), rewards=r[0], dense_rewards=r[0], terminals=d[0], next_obs=o,
              success=s[0], infos={"pos": pos}, task=2)
     size = tr.rl_buf.size[1]
-    tr._file(p, np.full(4, 1), feeds_encoder=False)
+    rl, enc = [], []
+    tr._file(p, np.full(4, 1), False, rl, enc)
+    assert enc == [] and [k for k, _, _ in rl] == [1]
+    tr.rl_buf.add_many(rl)
     n = tr.rl_buf.size[1] - size
     assert n == (2 if truncate else 4)
     np.testing.assert_array_equal(tr.rl_buf.data["terminals"][1, size:size + n, 0], [0, 1] if truncate else [0, 1, 1, 1])

@@ -163,6 +163,64 @@ class TaskBuffers:
     def add_path(self, task: int, path: Path, with_start: bool = True) -> None:
         self.add(task, {k: getattr(path, k) for k in FIELDS}, path.start_obs if with_start else None)
 
+    def add_many(self, items) -> None:
+        """``add(task, transitions, start_obs)`` for each item of ``items`` in order, as one
+        write per field (the buffers end up exactly as after the adds one by one).  Image
+        layouts, and a batch that gives one task more rows than its capacity, take the adds
+        one by one."""
+        items = list(items)
+        tasks = np.fromiter((int(it[0]) for it in items), np.int64, len(items))
+        lens = np.fromiter((len(it[1]["rewards"]) for it in items), np.int64, len(items))
+        totals = np.bincount(tasks, weights=lens, minlength=self.num_tasks).astype(np.int64)
+        if len(items) < 2 or self.linked or np.any(totals > self.capacity):
+            for task, transitions, start in items:
+                self.add(task, transitions, start)
+            return
+        self._before_write(tasks)  # (an empty add still counts as a write here, as in ``add``)
+        keep = lens > 0
+        if not keep.all():
+            items, tasks, lens = [it for it, k in zip(items, keep) if k], tasks[keep], lens[keep]
+            if not items:
+                return
+        cap = self.capacity
+        before = np.zeros(len(items), np.int64)  # rows this batch writes to the item's task before it
+        seen = np.zeros(self.num_tasks, np.int64)
+        for j, (t, n) in enumerate(zip(tasks, lens)):
+            before[j] = seen[t]
+            seen[t] += n
+        first = (self.ptr[tasks] + before) % cap
+        bounds = np.concatenate([[0], np.cumsum(lens)])
+        rows = (np.repeat(first - bounds[:-1], lens) + np.arange(bounds[-1])) % cap
+        owner = np.repeat(tasks, lens)
+        for key in FIELDS:
+            shp, dt = self.layout[key]
+            self.data[key][owner, rows] = np.concatenate(
+                [np.asarray(it[1][key], dt).reshape((n,) + shp) for it, n in zip(items, lens)])
+        self._after_write(tasks, owner, first, rows)
+        for mirror in self.mirrors:
+            for j, t in enumerate(tasks):
+                mirror.write(int(t), rows[bounds[j]: bounds[j + 1]])
+        hit = np.flatnonzero(totals)
+        self.ptr[hit] = (self.ptr[hit] + totals[hit]) % cap
+        self.size[hit] = np.minimum(cap, self.size[hit] + totals[hit])
+        if self.store_starts:
+            for t, (_, _, start) in zip(tasks, items):
+                if start is not None:
+                    self.starts[t, self.start_ptr[t]] = start
+                    self.start_ptr[t] = (self.start_ptr[t] + 1) % cap
+                    self.start_size[t] = min(cap, self.start_size[t] + 1)
+
+    def add_paths(self, tasks, paths, with_start: bool = True) -> None:
+        """``add_path(task, path, with_start)`` for each pair, through ``add_many``."""
+        self.add_many([(t, {k: getattr(p, k) for k in FIELDS}, p.start_obs if with_start else None)
+                       for t, p in zip(tasks, paths)])
+
+    def _before_write(self, tasks: np.ndarray) -> None:
+        """Hook of ``add_many`` before it writes rows of ``tasks`` (one entry per item)."""
+
+    def _after_write(self, tasks: np.ndarray, owner: np.ndarray, first: np.ndarray, rows: np.ndarray) -> None:
+        """Hook of ``add_many`` after it wrote ``rows`` (of tasks ``owner``); ``first``: each item's first row."""
+
     def clear(self, task: int) -> None:
         self.size[task] = 0
         self.ptr[task] = 0
@@ -370,6 +428,17 @@ class EncoderBuffers(TaskBuffers):
             self.path_start[task, idx] = False
             self.path_start[task, idx[0]] = True
         super().add(task, transitions, start_obs)
+
+    def _before_write(self, tasks):
+        for t in np.unique(tasks):
+            if self.should_clear[t]:
+                self.clear(t)
+                self.should_clear[t] = False
+            self._paths.pop(int(t), None)
+
+    def _after_write(self, tasks, owner, first, rows):
+        self.path_start[owner, rows] = False
+        self.path_start[tasks, first] = True
 
     def paths(self, task: int) -> list[np.ndarray]:
         """Row indices of each stored path of ``task``, oldest first.  Once the ring has

@@ -291,9 +291,9 @@ class Trainer:
         transition) to the task the relabeler assigns.  ``feeds_encoder``: one flag for the
         batch or one per path; ``groups``: see ``Relabeler.assign``."""
         feeds = [feeds_encoder] * len(paths) if isinstance(feeds_encoder, bool) else list(feeds_encoder)
+        if sampler:
+            self.smp_buf.add_paths([p.task for p in paths], paths, with_start=False)
         for p in paths:
-            if sampler:
-                self.smp_buf.add_path(p.task, p, with_start=False)
             self._collected.append((float(p.rewards.sum()), bool(p.success.any())))
         t0 = self._tic()
         if relabel:
@@ -301,8 +301,11 @@ class Trainer:
         else:
             self.relabeler.observe(paths)
             assignments = [np.full(len(p), p.task, np.int64) for p in paths]
+        rl, enc = [], []  # (task, transitions, start) for each buffer, in filing order
         for p, a, f in zip(paths, assignments, feeds):
-            self._file(p, a, f)
+            self._file(p, a, f, rl, enc)
+        self.rl_buf.add_many(rl)
+        self.enc_buf.add_many(enc)
         self._add_time("relabel", t0)
 
     def relabeled_path(self, path: Path, task: int, truncate: bool = True) -> Path:
@@ -318,23 +321,25 @@ class Trainer:
                     terminals=d[:T], next_obs=path.next_obs[:T], success=s[:T],
                     infos={k: v[:T] for k, v in path.infos.items()}, task=int(task))
 
-    def _file(self, path: Path, assigned: np.ndarray, feeds_encoder: bool) -> None:
+    def _file(self, path: Path, assigned: np.ndarray, feeds_encoder: bool, rl: list, enc: list) -> None:
+        """Append the adds that file ``path`` as ``assigned`` to ``rl`` and ``enc``."""
         if np.all(assigned == assigned[0]):
             k = int(assigned[0])
             q = path if k == path.task else self.relabeled_path(path, k, truncate=self.cfg.relabel_truncate)
             if k != path.task:
                 self._moved.append(bool(q.success.any()))
-            self.rl_buf.add_path(k, q, with_start=True)
+            rows = {f: getattr(q, f) for f in FIELDS}
+            rl.append((k, rows, q.start_obs))
             if feeds_encoder:
-                self.enc_buf.add_path(k, q, with_start=False)
+                enc.append((k, rows, None))
             return
         for k in np.unique(assigned):  # per-transition assignment: no start state stored
             sel = assigned == k
             q = self.relabeled_path(path, int(k), truncate=False)
             rows = {f: getattr(q, f)[sel] for f in FIELDS}
-            self.rl_buf.add(int(k), rows)
+            rl.append((int(k), rows, None))
             if feeds_encoder:
-                self.enc_buf.add(int(k), rows)
+                enc.append((int(k), rows, None))
 
     # ---- collection with the lockstep engine (rollouts = vector) ------------------------------------
     def _visit_z(self, visits: list[Visit], kinds: list[str]) -> torch.Tensor:
@@ -361,9 +366,8 @@ class Trainer:
                 self.visit_buf.clear(v.index)
 
         def on_paths(done):
-            for v, p in done:
-                if v.index is not None:
-                    self.visit_buf.add_path(v.index, p, with_start=False)
+            mine = [(v.index, p) for v, p in done if v.index is not None]
+            self.visit_buf.add_paths([i for i, _ in mine], [p for _, p in mine], with_start=False)
             # the batches completed in this step, filed together (one coin per batch)
             for relabel in (True, False):
                 batches = [b for v, _ in done if v.relabel == relabel for b in v.ready]
@@ -378,8 +382,7 @@ class Trainer:
         for v in visits:
             if clear_sampler:
                 self.smp_buf.clear(v.task)
-            for p in v.paths:
-                self.smp_buf.add_path(v.task, p, with_start=False)
+            self.smp_buf.add_paths([v.task] * len(v.paths), v.paths, with_start=False)
 
     def initial_collection(self) -> None:
         if self.vector:
