@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md: hfr / none / hipi / hipi-q / random x seeds 0-4 on four-corners
 # with the `cpu` preset (17-19 min per run on one core), the sparse-point-robot comparison
-# (sparse critic: hfr / none / hipi, seeds 0-4, and hfr / none seeds 5-13; dense critic: none, seeds 0-4),
+# (sparse critic: hfr / none / hipi, seeds 0-4, and hfr / none seeds 5-16; dense critic: none, seeds 0-4),
 # then the figures and tables.
 #
-#   bash benchmarks/results.sh            # 59 runs, 2 at a time: about 9 h on 2 cores
+#   bash benchmarks/results.sh            # 65 runs, 2 at a time: about 10 h on 2 cores
 #   WORKERS=8 bash benchmarks/results.sh  # on a bigger machine
 #   BACKEND=ray RAY_ADDRESS=host:6379 bash benchmarks/results.sh   # on a Ray cluster
 #
@@ -35,8 +35,8 @@ sparse() {
         --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 }
 sparse --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
-# nine more seeds of the pair the P(hfr > none) target compares
-time metarelabel sweep --families sparse-point-robot --seeds 5,6,7,8,9,10,11,12,13 --preset cpu --relabel hfr,none --set rl_reward=true \
+# twelve more seeds of the pair the P(hfr > none) target compares
+time metarelabel sweep --families sparse-point-robot --seeds 5,6,7,8,9,10,11,12,13,14,15,16 --preset cpu --relabel hfr,none --set rl_reward=true \
     --root "$ROOT-sparse-critic" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
 sparse --relabel none --root "$ROOT-dense-critic"
 
