@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Reproduces docs/results.md: hfr / none / hipi / hipi-q / random x seeds 0-4 on four-corners
+# Reproduces docs/results.md: hfr / none / hipi / hipi-q / random x seeds 0-4 on four-corners,
+# and hfr / none seeds 5-8
 # with the `cpu` preset (17-19 min per run on one core), the sparse-point-robot comparison
 # (sparse critic: hfr / none / hipi, seeds 0-4, and hfr / none seeds 5-16; dense critic: none, seeds 0-4),
 # then the figures and tables.
 #
-#   bash benchmarks/results.sh            # 65 runs, 2 at a time: about 10 h on 2 cores
+#   bash benchmarks/results.sh            # 73 runs, 2 at a time: about 11 h on 2 cores
 #   WORKERS=8 bash benchmarks/results.sh  # on a bigger machine
 #   BACKEND=ray RAY_ADDRESS=host:6379 bash benchmarks/results.sh   # on a Ray cluster
 #
@@ -27,6 +28,9 @@ sweep() {
 }
 sweep hfr,none
 sweep hfr,none,hipi,hipi-q,random
+# four more seeds of the pair the P(hfr > none) target compares
+time metarelabel sweep --families four-corners --relabel hfr,none --seeds 5,6,7,8 --preset cpu \
+    --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
 
 # sparse-point-robot with the sparse reward for the critic too (hfr, none, hipi), and plain
 # PEARL with the dense critic as the reference (20-24 min per run two at a time)
