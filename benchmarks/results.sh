@@ -22,15 +22,14 @@ EXTRA=()
 [[ -n "${RAY_ADDRESS:-}" ]] && EXTRA=(--ray-address "$RAY_ADDRESS")
 [[ -n "${GPUS_PER_RUN:-}" ]] && EXTRA+=(--gpus-per-run "$GPUS_PER_RUN")
 
-sweep() {
-    time metarelabel sweep --families four-corners --relabel "$1" --seeds 0,1,2,3,4 --preset cpu \
+sweep() {  # sweep STRATEGIES [SEEDS]
+    time metarelabel sweep --families four-corners --relabel "$1" --seeds "${2:-0,1,2,3,4}" --preset cpu \
         --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
 }
 sweep hfr,none
 sweep hfr,none,hipi,hipi-q,random
 # four more seeds of the pair the P(hfr > none) target compares
-time metarelabel sweep --families four-corners --relabel hfr,none --seeds 5,6,7,8 --preset cpu \
-    --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
+sweep hfr,none 5,6,7,8
 
 # sparse-point-robot with the sparse reward for the critic too (hfr, none, hipi), and plain
 # PEARL with the dense critic as the reference (20-24 min per run two at a time)
