@@ -33,15 +33,15 @@ sweep hfr,none 5,6,7,8
 
 # sparse-point-robot with the sparse reward for the critic too (hfr, none, hipi), and plain
 # PEARL with the dense critic as the reference (20-24 min per run two at a time)
-sparse() {
-    time metarelabel sweep --families sparse-point-robot --seeds 0,1,2,3,4 --preset cpu \
+sparse() {  # sparse SEEDS ARGS...
+    local seeds=$1; shift
+    time metarelabel sweep --families sparse-point-robot --seeds "$seeds" --preset cpu \
         --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 }
-sparse --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
+sparse 0,1,2,3,4 --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
 # twelve more seeds of the pair the P(hfr > none) target compares
-time metarelabel sweep --families sparse-point-robot --seeds 5,6,7,8,9,10,11,12,13,14,15,16 --preset cpu --relabel hfr,none --set rl_reward=true \
-    --root "$ROOT-sparse-critic" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
-sparse --relabel none --root "$ROOT-dense-critic"
+sparse 5,6,7,8,9,10,11,12,13,14,15,16 --relabel hfr,none --set rl_reward=true --root "$ROOT-sparse-critic"
+sparse 0,1,2,3,4 --relabel none --root "$ROOT-dense-critic"
 
 # keep the small per-seed files of finished runs (not the checkpoints)
 bash "$(dirname "$0")/keep_runs.sh" "$ROOT" "$OUT/runs"
