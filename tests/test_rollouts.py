@@ -158,6 +158,71 @@ def test_engine_with_a_real_policy_matches_to_float_tolerance():
     engine_vs_sequential("point-robot", lambda o, a: make_agent(seed=1, obs=o, act=a), exact=False)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_lane_actor_acts_as_act_batch_bit_for_bit(deterministic):
+    """The engine's lane actor (the policy input kept in one tensor, the observations written
+    into its numpy view) gives ``act_batch``'s actions exactly, for all lanes and for a subset,
+    and follows in-place parameter updates (an optimizer step between collections)."""
+    agent = make_agent(seed=3, obs=3, act=2)
+    actor = agent.lane_actor(5)
+    gen = np.random.default_rng(0)
+    obs = gen.normal(size=(5, 3)).astype(np.float32)
+    z = torch.randn(5, agent.dims.latent, generator=torch.Generator().manual_seed(1))
+    actor.obs[:] = obs
+    actor.z[:] = z
+    for active in (None, np.array([0, 2, 3])):
+        rows = slice(None) if active is None else active
+        torch.manual_seed(7)
+        want = agent.act_batch(obs[rows], z[rows], deterministic)
+        torch.manual_seed(7)
+        got = actor.act(active, deterministic)
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    with torch.no_grad():
+        for p in agent.policy.parameters():
+            p.add_(0.1)
+    torch.manual_seed(7)
+    want = agent.act_batch(obs, z, deterministic)
+    torch.manual_seed(7)
+    np.testing.assert_array_equal(actor.act(None, deterministic), want)
+    assert agent.lane_actor(2) is not None and agent.lane_actor(2).x.requires_grad is False
+
+
+class ColumnObs:
+    """A vector env whose observations are ``[k, obs, 1]`` columns (not flat vectors)."""
+
+    def __init__(self, venv):
+        self.venv = venv
+
+    def __getattr__(self, name):
+        return getattr(self.venv, name)
+
+    def reset(self, lanes, tasks):
+        return self.venv.reset(lanes, tasks)[..., None]
+
+    def step(self, lanes, actions):
+        obs, *rest = self.venv.step(lanes, actions)
+        return (obs[..., None], *rest)
+
+
+def test_engine_acts_through_act_batch_when_observations_are_not_flat():
+    """The lane actor holds flat observations only; other shapes fall back to ``act_batch``
+    with the same actions, and the paths keep the env's observation shape."""
+    fam = make_family("point-robot")
+    agent = make_agent(seed=4)
+    zs = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for wrap in (lambda v: v, ColumnObs):
+        jobs = [FixedZ(t, zs[i]) for i, t in enumerate((0, 3, 5))]
+        run_jobs(wrap(fam.vector_env(lane_seeds(2, 3))), agent, jobs, 20, fixed_z, deterministic=True)
+        runs.append(jobs)
+    for flat_job, col_job in zip(*runs):
+        for p, q in zip(flat_job.paths, col_job.paths):
+            assert q.obs.shape == p.obs.shape + (1,) and q.next_obs.shape == p.next_obs.shape + (1,)
+            np.testing.assert_array_equal(q.obs[..., 0], p.obs)
+            np.testing.assert_array_equal(q.actions, p.actions)
+
+
 def test_stochastic_engine_draws_policy_noise_once_per_step():
     fam = make_family("point-robot")
     agent = make_agent(seed=2)

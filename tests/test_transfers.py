@@ -80,12 +80,17 @@ def test_evaluation_moves_one_context_per_posterior_trajectory(counted):
     assert np.isfinite(returns).all()
 
 
-def test_vector_evaluation_moves_one_batch_per_lockstep_step(counted):
+@pytest.mark.parametrize("lane_actor", [False, True])
+def test_vector_evaluation_moves_one_batch_per_lockstep_step(counted, lane_actor):
     """The lockstep engine: per step one observation batch in and one action batch out for all
-    lanes; per batch of posterior inferences one context in."""
+    lanes (``act_batch``, the path on other devices); per batch of posterior inferences one
+    context in.  The CPU's lane actor shares its input tensor's memory with the engine's
+    observation array and hands back a view of the actions: no per-step conversion at all."""
     cfg = small_config(eval_steps=100, exploration_trajectories=2, eval_runs=2)
     env = make_family("four-corners")
     agent = make_agent()
+    if not lane_actor:
+        agent.lane_actor = lambda lanes: None
     ev = Evaluator(env, agent, cfg, seed=0)
     steps, posteriors = [], []
     vstep, infer = ev.venv.step, agent.infer_posterior
@@ -95,4 +100,5 @@ def test_vector_evaluation_moves_one_batch_per_lockstep_step(counted):
     pairs = ev.run_pairs([0, 1, 2, 3])
     assert len(pairs) == 8 and sum(steps) == sum(p.steps for p in pairs) and max(steps) == 8
     assert len(steps) < sum(steps) / 4  # lanes really ran side by side
-    assert counted == {"to_device": len(steps) + len(posteriors), "to_host": len(steps), "item": 0}
+    per_step = 0 if lane_actor else len(steps)
+    assert counted == {"to_device": per_step + len(posteriors), "to_host": per_step, "item": 0}

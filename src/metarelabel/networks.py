@@ -89,6 +89,19 @@ def squash_log_det(u: torch.Tensor, a: torch.Tensor, squash: str = "exact") -> t
     return (2.0 * (_LOG2 - u - F.softplus(-2.0 * u))).sum(-1)
 
 
+def act_with(params: tuple, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    """``TanhGaussianPolicy.act`` from its ``act_params`` (no module-call overhead)."""
+    h = x
+    for w, b in params[:-2]:
+        h = F.linear(h, w, b).relu_()
+    mean = F.linear(h, *params[-2])
+    if deterministic:
+        return mean.tanh_()
+    std = F.linear(h, *params[-1]).clamp_(LOG_STD_MIN, LOG_STD_MAX).exp_()
+    # tanh(mean + std * eps) in place, in the same order of operations
+    return torch.randn_like(mean).mul_(std).add_(mean).tanh_()
+
+
 class TanhGaussianPolicy(nn.Module):
     """pi(a | s, z) = tanh(N(mean, exp(log_std)^2)), log-std clamped to [-20, 2]."""
 
@@ -103,15 +116,14 @@ class TanhGaussianPolicy(nn.Module):
     def act(self, x: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         """Actions only (no log-probability): ``tanh(mean)``, or ``tanh(mean + std * eps)``
         with the same draw ``forward`` makes."""
-        h = x
-        for lin in self.net.hidden:  # the layers of ``trunk``, without the module-call overhead
-            h = F.linear(h, lin.weight, lin.bias).relu_()
-        out = self.net.out
-        mean = F.linear(h, out.weight, out.bias)
-        if deterministic:
-            return mean.tanh_()
-        std = F.linear(h, self.log_std.weight, self.log_std.bias).clamp_(LOG_STD_MIN, LOG_STD_MAX).exp_()
-        return torch.tanh(mean + std * torch.randn_like(mean))
+        return act_with(self.act_params(), x, deterministic)
+
+    def act_params(self, detach: bool = False) -> tuple:
+        """The weights ``act_with`` reads: ((W, b) of each hidden layer, ..., mean head,
+        log-std head); ``detach``: views that share the parameters' storage (they follow
+        in-place updates) and record no autograd graph."""
+        lins = [*self.net.hidden, self.net.out, self.log_std]
+        return tuple((lin.weight.detach(), lin.bias.detach()) if detach else (lin.weight, lin.bias) for lin in lins)
 
     def forward(self, x: torch.Tensor, deterministic: bool = False, eps: torch.Tensor | None = None):
         """Action, log pi(action), mean, log_std.  Sampling is reparameterised; ``eps`` (standard

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .networks import (FEATURE_DIM, LOG_STD_MAX, LOG_STD_MIN, MLP, SQUASH_EPS, ContextEncoder, ConvTrunk,
-                       TanhGaussianPolicy, TwinQ, squash_log_det)
+                       TanhGaussianPolicy, TwinQ, act_with, squash_log_det)
 
 VAR_MIN = 1e-7
 
@@ -343,6 +343,13 @@ class PEARL:
         o = torch.as_tensor(obs, device=self.device)
         o = o.float().reshape(len(o), -1) if self.trunk is None else self.embed_obs(o)
         return self.policy.act(torch.cat([o, z], -1), deterministic).cpu().numpy()
+
+    def lane_actor(self, lanes: int) -> "LaneActor | None":
+        """A ``LaneActor`` for the rollout engine's ``lanes`` (vector observations on the CPU),
+        or None where ``act_batch`` is the way (image observations, other devices)."""
+        if self.trunk is not None or self.device.type != "cpu":
+            return None
+        return LaneActor(self.policy, lanes, self.dims.obs, self.dims.latent)
 
     # ---- learner protocol for relabeling ------------------------------------------------
     @torch.no_grad()
@@ -675,3 +682,21 @@ class PEARL:
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
             self._flat = None  # the loaded Adam state replaced the flat views
+
+
+class LaneActor:
+    """``act_batch`` for the lanes of the rollout engine without its per-step copies: the
+    policy's input ``[lanes, obs + latent]`` is one tensor whose observation columns are a
+    numpy view (``obs``: the engine writes observations into it) and whose latent columns
+    (``z``) change only when a lane starts a trajectory.  The same float32 arithmetic as
+    ``act_batch``, so the same actions bit for bit."""
+
+    def __init__(self, policy: TanhGaussianPolicy, lanes: int, obs_dim: int, latent: int):
+        self.params = policy.act_params(detach=True)  # no grad mode to switch per step
+        self.x = torch.zeros(int(lanes), int(obs_dim) + int(latent))
+        self.obs = self.x.numpy()[:, :obs_dim]
+        self.z = self.x[:, obs_dim:]
+
+    def act(self, active: np.ndarray | None, deterministic: bool = False) -> np.ndarray:
+        """Actions ``[k, act]`` of the ``active`` lanes (None: all of them)."""
+        return act_with(self.params, self.x if active is None else self.x[active], deterministic).numpy()

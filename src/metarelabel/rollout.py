@@ -71,16 +71,20 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
     job = [None] * n
     running = np.zeros(n, bool)
     t = np.zeros(n, np.int64)
-    z = torch.zeros(n, agent.dims.latent, device=agent.device)
+    # the agent's lane actor, where it has one, holds the lanes' observations and z's in the
+    # policy's own input tensor; otherwise ``act_batch`` gets them each step
+    actor = agent.lane_actor(n) if hasattr(agent, "lane_actor") else None
+    z = torch.zeros(n, agent.dims.latent, device=agent.device) if actor is None else actor.z
     obs = None
     rows: dict[str, np.ndarray] = {}  # field -> [lanes, H, ...]: the running trajectories
     flat: dict[str, np.ndarray] = {}  # the same arrays as [lanes * H, ...] views
     infos: list = []  # (flat view, info key) of the family's info fields
     total = 0
+    lanes = np.arange(n)
     while True:
         # lanes without a running trajectory: ask their job (or the next one) for one
         starting, kinds = [], []
-        for i in np.flatnonzero(~running):
+        for i in ([] if running.all() else np.flatnonzero(~running)):
             while True:
                 if job[i] is None:
                     if not queue:
@@ -97,16 +101,23 @@ def run_jobs(venv, agent, jobs, max_path_length: int, next_z, on_paths=None, det
             z[idx] = next_z([job[i] for i in starting], kinds).to(z.dtype)
             first = venv.reset(idx, np.asarray([job[i].task for i in starting], np.int64))
             if obs is None:
-                obs = np.zeros((n,) + first.shape[1:], first.dtype)
+                if actor is not None and first.shape[1:] == actor.obs.shape[1:]:
+                    obs = actor.obs
+                else:  # no actor, or observations that are not flat vectors: act_batch
+                    z, actor = z.clone(), None
+                    obs = np.zeros((n,) + first.shape[1:], first.dtype)
             obs[idx] = first
             running[idx] = True
             t[idx] = 0
-        active = np.flatnonzero(running)
+        full = bool(running.all())  # every lane running (most steps): whole arrays, no gathers
+        active = lanes if full else np.flatnonzero(running)
         if len(active) == 0:
             return total
-        full = len(active) == n  # every lane running (most steps): whole arrays, no gathers
         obs_a = obs if full else obs[active]
-        actions = agent.act_batch(obs_a, z if full else z[active], deterministic)
+        if actor is None:
+            actions = agent.act_batch(obs_a, z if full else z[active], deterministic)
+        else:
+            actions = actor.act(None if full else active, deterministic)
         env_actions = amap.to_env(actions)
         next_obs, rew, term, trunc, info = venv.step(active, env_actions)
         total += len(active)

@@ -58,9 +58,10 @@ class ActionMap:
     def __init__(self, space):
         self.low = space.low.astype(np.float64)
         self.high = space.high.astype(np.float64)
+        self.width = self.high - self.low
 
     def to_env(self, action: np.ndarray) -> np.ndarray:
-        return self.low + (action.astype(np.float64) + 1.0) * 0.5 * (self.high - self.low)
+        return self.low + (action.astype(np.float64) + 1.0) * 0.5 * self.width
 
     def to_policy(self, env_action) -> np.ndarray:
         return (2.0 * (np.asarray(env_action, np.float64) - self.low) / (self.high - self.low) - 1.0).astype(np.float32)
