@@ -2,7 +2,7 @@
 # Reproduces docs/results.md: hfr / none / hipi / hipi-q / random x seeds 0-4 on four-corners,
 # and hfr / none seeds 5-8
 # with the `cpu` preset (17-19 min per run on one core), the sparse-point-robot comparison
-# (sparse critic: hfr / none / hipi, seeds 0-4, and hfr / none seeds 5-16; dense critic: none, seeds 0-4),
+# (sparse critic: hfr / none / hipi, seeds 0-4, and hfr / none seeds 5-20; dense critic: none, seeds 0-4),
 # then the figures and tables.
 #
 #   bash benchmarks/results.sh            # 73 runs, 2 at a time: about 11 h on 2 cores
@@ -40,7 +40,7 @@ sparse() {  # sparse SEEDS ARGS...
 }
 sparse 0,1,2,3,4 --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
 # twelve more seeds of the pair the P(hfr > none) target compares
-sparse 5,6,7,8,9,10,11,12,13,14,15,16 --relabel hfr,none --set rl_reward=true --root "$ROOT-sparse-critic"
+sparse 5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20 --relabel hfr,none --set rl_reward=true --root "$ROOT-sparse-critic"
 sparse 0,1,2,3,4 --relabel none --root "$ROOT-dense-critic"
 
 # keep the small per-seed files of finished runs (not the checkpoints)
