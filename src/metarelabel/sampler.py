@@ -64,7 +64,7 @@ class ActionMap:
         return self.low + (action.astype(np.float64) + 1.0) * 0.5 * self.width
 
     def to_policy(self, env_action) -> np.ndarray:
-        return (2.0 * (np.asarray(env_action, np.float64) - self.low) / (self.high - self.low) - 1.0).astype(np.float32)
+        return (2.0 * (np.asarray(env_action, np.float64) - self.low) / self.width - 1.0).astype(np.float32)
 
 
 def rollout(env: TaskFamily, agent, z: torch.Tensor, max_path_length: int, deterministic: bool = False) -> Path:
