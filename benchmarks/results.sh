@@ -5,7 +5,7 @@
 # (sparse critic: hfr / none / hipi, seeds 0-4, and hfr / none seeds 5-20; dense critic: none, seeds 0-4),
 # then the figures and tables.
 #
-#   bash benchmarks/results.sh            # 73 runs, 2 at a time: about 11 h on 2 cores
+#   bash benchmarks/results.sh            # 85 runs, 2 at a time: about 15 h on 2 cores
 #   WORKERS=8 bash benchmarks/results.sh  # on a bigger machine
 #   BACKEND=ray RAY_ADDRESS=host:6379 bash benchmarks/results.sh   # on a Ray cluster
 #
@@ -39,7 +39,7 @@ sparse() {  # sparse SEEDS ARGS...
         --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 }
 sparse 0,1,2,3,4 --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
-# twelve more seeds of the pair the P(hfr > none) target compares
+# sixteen more seeds of the pair the P(hfr > none) target compares
 sparse 5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20 --relabel hfr,none --set rl_reward=true --root "$ROOT-sparse-critic"
 sparse 0,1,2,3,4 --relabel none --root "$ROOT-dense-critic"
 
