@@ -514,10 +514,19 @@ class PEARL:
         return out
 
     def flat_adam(self) -> tuple[FlatAdam, FlatAdam]:
-        """The lean step's two Adam groups (critics + encoder; V + policy), built on first use."""
+        """The lean step's two Adam groups (critics + encoder; V + policy), built on first use.
+        The target V's parameters become views of one flat tensor too, laid out as V's are at
+        the start of the second group, so the soft target update is one ``lerp_``."""
         if self._flat is None:
             self._flat = (FlatAdam((self.optimizers["qf"], self.optimizers["encoder"])),
                           FlatAdam((self.optimizers["vf"], self.optimizers["policy"])))
+            targets = list(self.target_vf.parameters())
+            self._target_flat = torch.cat([t.detach().reshape(-1) for t in targets])
+            start = 0
+            for t in targets:
+                t.data = self._target_flat[start:start + t.numel()].view_as(t)
+                start += t.numel()
+            self._vf_flat = self._flat[1].param[:start]
         return self._flat
 
     @torch.no_grad()
@@ -571,7 +580,7 @@ class PEARL:
             z = z + cfg.z_noise * torch.randn_like(z)
         zb = z.unsqueeze(1).expand(M, B, L).reshape(n, L)
         q, q_hs = _twin_forward(self.qf, torch.cat([obs, act, zb], -1))
-        v_next = self.target_vf(torch.cat([nxt, zb], -1)).squeeze(-1)
+        v_next = _mlp_forward(self.target_vf, torch.cat([nxt, zb], -1))[0].squeeze(-1)
         y = cfg.reward_scale * rew + (1.0 - term) * cfg.discount * v_next
         diff = q - y
         qf_loss = (diff * diff).mean(-1).sum()
@@ -638,7 +647,7 @@ class PEARL:
         g_h = g_mean.mm(pol.net.out.weight).addmm_(g_ls, pol.log_std.weight)
         _mlp_backward(pol.net, pol_hs, g_h, grads, head=False)
         actor_adam.step()
-        torch._foreach_lerp_(list(self.target_vf.parameters()), list(self.vf.parameters()), cfg.soft_target_tau)
+        self._target_flat.lerp_(self._vf_flat, cfg.soft_target_tau)
 
         out = {
             "losses/qf": qf_loss,
