@@ -22,9 +22,14 @@ EXTRA=()
 [[ -n "${RAY_ADDRESS:-}" ]] && EXTRA=(--ray-address "$RAY_ADDRESS")
 [[ -n "${GPUS_PER_RUN:-}" ]] && EXTRA+=(--gpus-per-run "$GPUS_PER_RUN")
 
+# Every run of the campaign took the lean gradient step (grad_step=auto, the default until the
+# compiled step became the default for long CPU runs as grad_step=fast): STEP keeps new seeds
+# on the same step as the committed ones (a sweep refuses run directories whose config differs).
+STEP=(--set grad_step=auto)
+
 sweep() {  # sweep STRATEGIES [SEEDS]
     time metarelabel sweep --families four-corners --relabel "$1" --seeds "${2:-0,1,2,3,4}" --preset cpu \
-        --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"}
+        --root "$ROOT" --workers "$WORKERS" --backend "$BACKEND" "${STEP[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
 }
 sweep hfr,none
 sweep hfr,none,hipi,hipi-q,random
@@ -36,7 +41,7 @@ sweep hfr,none 5,6,7,8
 sparse() {  # sparse SEEDS ARGS...
     local seeds=$1; shift
     time metarelabel sweep --families sparse-point-robot --seeds "$seeds" --preset cpu \
-        --workers "$WORKERS" --backend "$BACKEND" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
+        --workers "$WORKERS" --backend "$BACKEND" "${STEP[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 }
 sparse 0,1,2,3,4 --relabel hfr,none,hipi --set rl_reward=true --root "$ROOT-sparse-critic"
 # sixteen more seeds of the pair the P(hfr > none) target compares

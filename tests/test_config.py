@@ -234,7 +234,7 @@ def test_new_fields_legacy_defaults_and_lean_on_images(tmp_path):
     from metarelabel.config import load_config_json
 
     cfg = make_config("four-corners", "quick")
-    assert (cfg.rollouts, cfg.grad_step, cfg.init, cfg.relabel_truncate) == ("vector", "auto", "pearl", True)
+    assert (cfg.rollouts, cfg.grad_step, cfg.init, cfg.relabel_truncate) == ("vector", "fast", "pearl", True)
     old = cfg.to_dict()
     del old["rollouts"], old["grad_step"]
     (tmp_path / "config.json").write_text(json.dumps(old))

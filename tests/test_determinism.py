@@ -1,6 +1,8 @@
 """Same seed -> identical progress.csv (apart from wall-clock columns); another seed -> different."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from conftest import read_csv, run_main
@@ -56,12 +58,16 @@ def test_in_process_equals_fresh_process(tmp_path, capsys):
     assert _strip_time(a) == _strip_time(read_csv(tmp_path / "b" / "progress.csv"))
 
 
-@pytest.mark.parametrize("device_buffers,extra", [("off", []), ("on", []), ("off", ["--kl-target", "0.5"]),
-                                                  ("on", ["--context-trajectories", "3"])])
+@pytest.mark.parametrize("device_buffers,extra", [
+    ("off", []), ("on", []), ("off", ["--kl-target", "0.5"]), ("on", ["--context-trajectories", "3"]),
+    pytest.param("off", ["--grad-step", "compiled"], marks=pytest.mark.skipif(
+        not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="inductor needs a C++ compiler")),
+])
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, capsys, device_buffers, extra):
     """Resuming from the iteration-1 checkpoint reproduces the uninterrupted run exactly (with
     the device mirror, rebuilt from the loaded host buffers, too; with a tuned KL weight, whose
-    value and Adam state the checkpoint carries)."""
+    value and Adam state the checkpoint carries; with the compiled step, compiled again by the
+    resumed run)."""
     run = tmp_path / "run"
     full = _train(capsys, run, "point-robot", 5, "--num-iterations", "3", "--num-train-steps-per-itr", "5",
                   "--checkpoint-every", "1", "--keep-checkpoints", "3", "--device-buffers", device_buffers, *extra)

@@ -376,3 +376,44 @@ def test_compiled_step_equals_lean_step_and_is_deterministic():
     again_l, again_p = _run(make_agent(grad_step="compiled", **kw), batches)
     assert again_l == comp_l
     assert all(torch.equal(a, b) for a, b in zip(again_p, comp_p))
+
+
+def test_fast_step_compiles_only_long_cpu_runs_with_fixed_contexts():
+    """``grad_step=fast`` (the default) resolves to the compiled step for a CPU run of at least
+    ``FAST_COMPILE_MIN_STEPS`` gradient steps with fixed-size contexts and no ``kl_target``,
+    to the lean step otherwise; ``auto`` stays lean."""
+    from metarelabel.pearl import FAST_COMPILE_MIN_STEPS
+
+    long = dict(num_iterations=FAST_COMPILE_MIN_STEPS // 100, num_train_steps_per_itr=100)
+    assert make_agent(**long).step_kind == "compiled"
+    assert make_agent(num_iterations=FAST_COMPILE_MIN_STEPS // 100 - 1, num_train_steps_per_itr=100).step_kind == "lean"
+    assert make_agent().step_kind == "lean"  # the quick preset: too short to pay back a compile
+    assert make_agent(kl_target=0.5, **long).step_kind == "lean"
+    assert make_agent(context_trajectories=2, **long).step_kind == "lean"
+    assert make_agent(grad_step="auto", **long).step_kind == "lean"
+    assert make_agent(grad_step="reference", **long).step_kind == "reference"
+    assert make_agent(grad_step="compiled").step_kind == "compiled"
+
+
+def test_fast_step_falls_back_to_lean_where_inductor_cannot_compile(monkeypatch):
+    """Where inductor fails its probe, ``fast`` warns once and every step is the lean step,
+    bit for bit (nothing of a step runs twice or half-compiled)."""
+    long = dict(num_iterations=1000, num_train_steps_per_itr=100, seed=3, obs=2, act=2)
+    gen = torch.Generator().manual_seed(7)
+    batches = [(random_batch(gen, 3, 17), torch.randn(3, 9, 5, generator=gen)) for _ in range(3)]
+    lean_l, lean_p = _run(make_agent(grad_step="lean", **long), batches)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fast = make_agent(**long)
+    said = []
+    fast.warn = said.append
+    assert fast.step_kind == "compiled"
+    fast_l, fast_p = _run(fast, batches)
+    assert said == ["grad_step: fast: torch.compile does not work on this machine (RuntimeError: no C++ compiler "
+                    "found); using the lean step"]
+    assert fast.step_kind == "lean" and fast._compiled is None
+    assert fast_l == lean_l
+    assert all(torch.equal(a, b) for a, b in zip(fast_p, lean_p))

@@ -28,7 +28,7 @@ def test_non_tty_output_has_estimates_eta_and_a_summary(tmp_path):
     code, out, err = run_subprocess(["train", "four-corners", *TINY_TRAIN_ARGS, "--run-dir", tmp_path / "run",
                                      "--no-tensorboard"])
     assert code == 0, err
-    assert re.search(r"^estimate: \S+ for 2 iterations of gradient steps alone \([\d.]+ ms per step x 5 per "
+    assert re.search(r"^estimate: \S+ for 2 iterations of gradient steps alone \([\d.]+ ms per lean step x 5 per "
                      r"iteration on cpu;.*the last checkpoint will be about [\d.]+ \w+", out, re.M), out
     assert re.search(r"^iter 1/2 \|.*\| \d+s elapsed, eta \d+s$", out, re.M), out
     assert re.search(r"^estimated time to finish: \d+s \([\d.]+ s per iteration, 1 to go\)$", out, re.M), out

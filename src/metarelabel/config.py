@@ -49,11 +49,13 @@ class Config:
     """Rollout engine: `vector` steps all task visits (collection) and all (task, run) pairs
     (evaluation) in lockstep with one policy call per step; `sequential` is the
     one-environment-at-a-time reference."""
-    grad_step: str = _f("auto", choices=("auto", "lean", "compiled", "reference"))
+    grad_step: str = _f("fast", choices=("fast", "auto", "lean", "compiled", "reference"))
     """Gradient step: `lean` (hand-written backward, two fused Adam calls; vector observations
     only), `compiled` (the lean step compiled by `torch.compile`'s inductor backend: fused C++
     kernels; needs a C++ compiler, compiles for about 10-70 s on first use; vector observations
-    only), `reference` (autograd, the textbook order), `auto` = lean where it applies."""
+    only), `reference` (autograd, the textbook order), `auto` = lean where it applies, `fast` =
+    compiled where it pays back its compile (on the CPU, at least 50,000 gradient steps in all,
+    fixed-size contexts, no `kl_target`) and inductor works on this machine, else as `auto`."""
     num_iterations: int = _f(300, lo=1)
     """Meta-training iterations (after the initial collection)."""
     checkpoint_every: int = _f(10, lo=0)

@@ -122,6 +122,7 @@ class Trainer:
         act_dim = int(np.prod(self.env.action_space.shape))
         self.dims = make_dims(self.env, cfg)
         self.agent = PEARL(self.dims, cfg, self.device)
+        self.agent.warn = lambda msg: self.echo(f"warning: {msg}")
 
         self.caps = cfg.buffer_capacities(n)
         # image families store observations as uint8 [C, H, W]; vector families as float32 [obs]
@@ -467,6 +468,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             return (time.perf_counter() - t0) / steps
         finally:
+            self.agent._no_inductor = agent._no_inductor  # grad_step fast: probed (and said) once
             torch.set_rng_state(state)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
@@ -481,7 +483,7 @@ class Trainer:
         full = checkpoint_bytes(cfg, self.num_tasks, self.rl_buf.obs_dim, self.rl_buf.act_dim,
                                 self.dims.obs_shape if self.dims.image else None)
         line = (f"estimate: {format_duration(total)} for {left} iterations of gradient steps alone "
-                f"({per_step * 1e3:.1f} ms per step x {cfg.num_train_steps_per_itr:,} per iteration on {self.device}; "
+                f"({per_step * 1e3:.1f} ms per {self.agent.step_kind} step x {cfg.num_train_steps_per_itr:,} per iteration on {self.device}; "
                 f"collection and evaluation add to it); the last checkpoint will be about {format_bytes(full)}")
         return total, line
 
@@ -563,6 +565,9 @@ class Trainer:
             self.initial_collection()
             self.echo(f"initial collection: {self.env_steps:,} steps in {time.perf_counter() - t0:.1f}s")
         if self.iteration < cfg.num_iterations:
+            if self.agent.step_kind == "compiled":
+                self.echo(f"compiling the gradient step (grad_step={cfg.grad_step}; torch.compile, about 5-70 s the "
+                          "first time on a machine)")
             total, line = self.time_estimate()
             self.echo(line)
             if total > 2 * 3600:
