@@ -377,6 +377,20 @@ def test_compiled_step_equals_lean_step_and_is_deterministic():
     assert again_l == comp_l
     assert all(torch.equal(a, b) for a, b in zip(again_p, comp_p))
 
+    # the compiled graph reads the parameters and Adam state afresh: after loading another
+    # agent's state (which rebuilds the flat buffers) it steps from that state
+    other = make_agent(grad_step="lean", seed=11, **{k: v for k, v in kw.items() if k != "seed"})
+    _run(other, batches[:2])
+    comp.load_state_dict(other.state_dict())
+    more = batches[2:]
+    comp_l2, comp_p2 = _run(comp, more)
+    other_l2, other_p2 = _run(other, more)
+    for got, want in zip(comp_l2, other_l2):
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(comp_p2, other_p2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
 
 def test_fast_step_compiles_only_long_cpu_runs_with_fixed_contexts():
     """``grad_step=fast`` (the default) resolves to the compiled step for a CPU run of at least
