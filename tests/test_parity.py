@@ -431,3 +431,22 @@ def test_fast_step_falls_back_to_lean_where_inductor_cannot_compile(monkeypatch)
     assert fast.step_kind == "lean" and fast._compiled is None
     assert fast_l == lean_l
     assert all(torch.equal(a, b) for a, b in zip(fast_p, lean_p))
+
+
+def test_a_deep_copy_of_a_stepped_lean_agent_steps_as_the_original():
+    """``copy.deepcopy`` clones each parameter on its own (the trainer's time estimate copies
+    the agent): the copy rebuilds its flat buffers from its own parameters, so its lean steps
+    update its own networks exactly as the original's update the original's."""
+    import copy
+
+    gen = torch.Generator().manual_seed(7)
+    batches = [(random_batch(gen, 3, 17), torch.randn(3, 9, 5, generator=gen)) for _ in range(4)]
+    agent = make_agent(grad_step="lean", seed=3)
+    _run(agent, batches[:2])  # the flat buffers exist now
+    twin = copy.deepcopy(agent)
+    assert twin._flat is None
+    got_l, got_p = _run(twin, batches[2:])
+    want_l, want_p = _run(agent, batches[2:])
+    assert got_l == want_l
+    assert all(torch.equal(a, b) for a, b in zip(got_p, want_p))
+    assert not any(a.data_ptr() == b.data_ptr() for a, b in zip(got_p, want_p))

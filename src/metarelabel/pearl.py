@@ -318,6 +318,9 @@ class PEARL:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_compiled"] = None  # a compiled step is bound to this agent: a copy compiles its own
+        # a deep copy clones each Parameter on its own, so its parameters would no longer be
+        # views of the copied flat buffers: the copy builds its own on first use
+        state["_flat"] = None
         return state
 
     # ---- observations --------------------------------------------------------------------
