@@ -100,6 +100,11 @@ def _relu_backward(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward(g, h, 0.0)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _affine(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight + bias``: one ``addmm`` / ``baddbmm`` eagerly; traced by ``torch.compile``, a
     plain product and an add, which inductor fuses into the next elementwise kernel (``addmm``
@@ -469,8 +474,7 @@ class PEARL:
             probe(torch.ones(8))
             return True
         except Exception as exc:  # noqa: BLE001 - any failure to compile means: do not compile
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            self._no_inductor = f"{type(exc).__name__}: {first[:200]}"
+            self._no_inductor = f"{type(exc).__name__}: {_first_line(exc)[:200]}"
             self.warn(f"grad_step: fast: torch.compile does not work on this machine ({self._no_inductor}); "
                       "using the lean step")
             return False
@@ -518,9 +522,8 @@ class PEARL:
                 return self._compiled(batch, context)
             except Exception as exc:  # noqa: BLE001 - a failed compile is an environment problem
                 self._compiled = None
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ConfigError(f"grad_step: compiled: torch.compile failed on this machine ({type(exc).__name__}: "
-                                   f"{first[:300]}); use grad_step=lean") from None
+                                   f"{_first_line(exc)[:300]}); use grad_step=lean") from None
         return self._compiled(batch, context)
 
     def update_reference(self, batch: dict[str, torch.Tensor], context: torch.Tensor) -> dict[str, torch.Tensor]:
