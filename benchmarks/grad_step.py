@@ -2,6 +2,7 @@
 
     python benchmarks/grad_step.py [--family four-corners] [--preset paper] [--steps 30] [--threads 1]
                                    [--device cpu|cuda] [--device-buffers auto|on|off]
+                                   [--set KEY=VALUE ...]
 
 On a GPU, compare ``--device-buffers off`` (minibatches gathered on the host, copied per step)
 with ``on`` (gathered from the buffers' device mirror; only the indices are copied).
@@ -18,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from metarelabel.config import parse_value
+from metarelabel.errors import MetaRelabelError
 from metarelabel.presets import make_config
 from metarelabel.trainer import Trainer
 
@@ -33,6 +36,20 @@ def fill_random(trainer: Trainer, n: int = 4096) -> None:
         trainer.enc_buf.add(task, rows)
 
 
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        try:
+            out[key] = parse_value(key, value)
+        except MetaRelabelError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="four-corners")
@@ -42,9 +59,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--device-buffers", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, as in `metarelabel train --set` (repeatable)")
     args = ap.parse_args()
-    cfg = make_config(args.family, args.preset, {"torch_threads": args.threads, "device": args.device,
-                                                 "device_buffers": args.device_buffers})
+    overrides = parse_sets(args.set)
+    overrides.update({"torch_threads": args.threads, "device": args.device, "device_buffers": args.device_buffers})
+    try:
+        cfg = make_config(args.family, args.preset, overrides)
+    except MetaRelabelError as exc:
+        raise SystemExit(f"error: {exc}") from None
     trainer = Trainer(cfg, "/nonexistent", echo=lambda *_: None, tensorboard=False)
     fill_random(trainer)
     trainer.train_steps(args.warmup)
