@@ -81,7 +81,7 @@ def main() -> None:
     print(f"family={cfg.family} preset={cfg.preset} nets={cfg.hidden_layers}x{cfg.hidden_dim} "
           f"encoder={cfg.encoder_layers}x{cfg.encoder_hidden_dim} meta_batch={cfg.meta_batch} "
           f"batch={cfg.batch_size} context={cfg.embedding_batch_size} threads={args.threads} device={trainer.device} "
-          f"device_buffers={'on' if trainer.rl_mirror is not None else 'off'}")
+          f"device_buffers={'on' if trainer.rl_mirror is not None else 'off'} step={trainer.agent.step_kind}")
     print(f"gradient step: {dt * 1e3:.1f} ms/step  ({1.0 / dt:.1f} steps/s; "
           f"{cfg.num_train_steps_per_itr} steps/iteration = {dt * cfg.num_train_steps_per_itr:.1f} s)")
 
