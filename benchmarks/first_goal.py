@@ -5,7 +5,8 @@
 
 For every finished run under the DIRs: the first iteration whose ``collect/success_rate`` exceeds
 ``--threshold`` (151 and so on, one past the last iteration, if it never does) and the final score
-(mean ``meta_test/success_rate`` over the last ``--final-iterations`` iterations).  Prints the
+(mean ``meta_test/success_rate`` over the evaluations of the last ``--final-iterations`` iterations,
+as ``metarelabel plot`` scores a run).  Prints the
 runs grouped by (settings folder, strategy), each group's median first iteration, Spearman's rank
 correlation between first iteration and final score over all runs, and, with ``--compare A,B``,
 a two-sided Mann-Whitney U test of A's first iterations against B's (needs scipy, which the
@@ -19,7 +20,7 @@ import sys
 import numpy as np
 
 from metarelabel.errors import MetaRelabelError
-from metarelabel.plot import find_runs, load_run
+from metarelabel.plot import final_scores, find_runs, load_run
 
 
 def first_above(values: np.ndarray, threshold: float) -> int:
@@ -47,7 +48,10 @@ def main() -> None:
                 continue
             cols, cfg = run["cols"], run["config"]
             first = first_above(cols["collect/success_rate"], args.threshold)
-            score = float(np.mean(cols["meta_test/success_rate"][-args.final_iterations:]))
+            final = final_scores([run], "meta_test/success_rate", args.final_iterations)
+            if not final.size:  # never evaluated
+                continue
+            score = float(final[0])
             groups.setdefault((str(d.parent.parent), cfg["relabel"]), []).append((first, score, int(cfg["seed"])))
     except (MetaRelabelError, KeyError, OSError) as exc:
         sys.exit(f"error: {exc}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +35,8 @@ def direct_bootstrap_ci(x, reps=20000, seed=1):
     return np.percentile(stats, [2.5, 97.5])
 
 
-def fake_run(root, relabel, seed, returns, success, steps=None, finished=True, iterations=None):
+def fake_run(root, relabel, seed, returns, success, steps=None, finished=True, iterations=None, extra=None):
+    """A run directory of the quick preset; ``extra`` maps more progress columns to their values."""
     run = root / relabel / f"s{seed}"
     run.mkdir(parents=True)
     if finished:
@@ -40,9 +44,11 @@ def fake_run(root, relabel, seed, returns, success, steps=None, finished=True, i
     cfg = make_config("four-corners", "quick", {"relabel": relabel, "seed": seed})
     (run / "config.json").write_text(cfg.to_json())
     steps = steps or [100 * (i + 1) for i in range(len(returns))]
-    lines = ["iteration,env_steps,meta_test/return,meta_test/success_rate"]
+    extra = extra or {}
+    lines = [",".join(["iteration", "env_steps", "meta_test/return", "meta_test/success_rate", *extra])]
     its = iterations or range(1, len(returns) + 1)
-    lines += [f"{i},{s},{r!r},{p!r}" for i, s, r, p in zip(its, steps, returns, success)]
+    lines += [",".join(map(repr, [i, s, r, p, *(col[k] for col in extra.values())]))
+              for k, (i, s, r, p) in enumerate(zip(its, steps, returns, success))]
     (run / "progress.csv").write_text("\n".join(lines) + "\n")
     return run
 
@@ -341,9 +347,6 @@ def test_hovering_path_and_didactic_figure(tmp_path, capsys):
 
 def test_results_runs_are_not_git_ignored():
     """The per-seed files behind docs/results.md must be committable (`runs/` is ignored elsewhere)."""
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
@@ -371,3 +374,25 @@ def test_plot_groups_runs_written_before_a_config_field_existed_with_its_default
     (new / "config.json").write_text(json.dumps(cfg))
     groups = group_runs([load_run(p) for p in find_runs([tmp_path])])["four-corners"]
     assert {k: len(v) for k, v in groups.items()} == {"hfr context_trajectories=0": 2, "hfr context_trajectories=3": 1}
+
+
+def test_first_goal_reports_each_runs_first_goal_iteration_and_its_rank_correlation(tmp_path):
+    pytest.importorskip("scipy")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "first_goal.py"
+    root = tmp_path / "runs" / "four-corners"
+    nan = float("nan")
+    # early finders score high, late ones low: a perfect negative rank correlation
+    fake_run(root, "hfr", 0, [0] * 4, [0, 0.5, 0.9, 0.9], extra={"collect/success_rate": [0, 0.1, 0.2, 0.3]})
+    fake_run(root, "hfr", 1, [0] * 4, [0, 0, 0.5, 0.5], extra={"collect/success_rate": [0, 0, 0.06, 0.3]})
+    # never above 0.05 (first = 5); evaluated every other iteration: its last 2 iterations hold one evaluation
+    fake_run(root, "none", 0, [0] * 4, [nan, 0.02, nan, 0.1], extra={"collect/success_rate": [0, 0, 0, 0.04]})
+    proc = subprocess.run([sys.executable, str(script), str(root), "--final-iterations", "2", "--compare", "hfr,none"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "(seeds 0,1): [2, 3], median 2.5; final [0.9, 0.5]" in out
+    assert "(seeds 0): [5], median 5; final [0.1]" in out
+    assert "over 3 runs: -1.00" in out
+    assert "median first iteration 2.5 vs 5 (2 and 1 runs)" in out
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

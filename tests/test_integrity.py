@@ -278,31 +278,3 @@ def test_killing_the_sweep_stops_its_runs_and_the_rerun_continues_exactly(tmp_pa
         ref = read_csv(uninterrupted / "four-corners" / r.parent.name / "s0" / "progress.csv")
         assert _strip(rows) == _strip(ref)
 
-
-def _fake_run(d: Path, relabel: str, seed: int, collect: list[float], meta: list[float]) -> None:
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"family": "four-corners", "relabel": relabel, "seed": seed}))
-    rows = ["iteration,collect/success_rate,meta_test/success_rate"]
-    rows += [f"{i + 1},{c},{m}" for i, (c, m) in enumerate(zip(collect, meta))]
-    (d / "progress.csv").write_text("\n".join(rows) + "\n")
-    (d / "run.json").write_text(json.dumps({"finished": "2026-12-07T00:00:00"}))
-
-
-def test_first_goal_reports_each_runs_first_goal_iteration_and_its_rank_correlation(tmp_path):
-    pytest.importorskip("scipy")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "first_goal.py"
-    root = tmp_path / "runs" / "four-corners"
-    # early finders score high, late ones low: a perfect negative rank correlation
-    _fake_run(root / "hfr" / "s0", "hfr", 0, [0, 0.1, 0.2, 0.3], [0, 0.5, 0.9, 0.9])
-    _fake_run(root / "hfr" / "s1", "hfr", 1, [0, 0, 0.06, 0.3], [0, 0, 0.5, 0.5])
-    _fake_run(root / "none" / "s0", "none", 0, [0, 0, 0, 0.04], [0, 0, 0, 0.1])  # never above 0.05: 5
-    proc = subprocess.run([sys.executable, str(script), str(root), "--final-iterations", "2", "--compare", "hfr,none"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert "(seeds 0,1): [2, 3], median 2.5; final [0.9, 0.5]" in out
-    assert "(seeds 0): [5], median 5; final [0.05]" in out
-    assert "over 3 runs: -1.00" in out
-    assert "median first iteration 2.5 vs 5 (2 and 1 runs)" in out
-    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
