@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from metarelabel.config import parse_value
+from metarelabel.config import parse_sets
 from metarelabel.errors import MetaRelabelError
 from metarelabel.presets import make_config
 from metarelabel.trainer import Trainer
@@ -36,20 +36,6 @@ def fill_random(trainer: Trainer, n: int = 4096) -> None:
         trainer.enc_buf.add(task, rows)
 
 
-def parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        try:
-            out[key] = parse_value(key, value)
-        except MetaRelabelError as exc:
-            raise SystemExit(f"error: {exc}") from None
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="four-corners")
@@ -62,9 +48,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, as in `metarelabel train --set` (repeatable)")
     args = ap.parse_args()
-    overrides = parse_sets(args.set)
-    overrides.update({"torch_threads": args.threads, "device": args.device, "device_buffers": args.device_buffers})
     try:
+        overrides = parse_sets(args.set)
+        overrides.update({"torch_threads": args.threads, "device": args.device, "device_buffers": args.device_buffers})
         cfg = make_config(args.family, args.preset, overrides)
     except MetaRelabelError as exc:
         raise SystemExit(f"error: {exc}") from None

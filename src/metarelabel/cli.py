@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import FIELDS, field_docs, parse_value
+from .config import FIELDS, field_docs, parse_sets, parse_value
 from .errors import MetaRelabelError
 
 EXIT_USAGE = 2
@@ -49,12 +49,7 @@ def _overrides(args) -> dict:
             if isinstance(value, list):  # argparse hands `--field=--` over as a list
                 value = " ".join(value)
             out[name] = parse_value(name, value)
-    for item in getattr(args, "set", None) or []:
-        if "=" not in item:
-            raise MetaRelabelError(f"--set expects FIELD=VALUE, got {item!r}")
-        name, value = item.split("=", 1)
-        name = name.strip().replace("-", "_")
-        out[name] = parse_value(name, value)
+    out.update(parse_sets(getattr(args, "set", None) or []))
     return out
 
 

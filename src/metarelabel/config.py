@@ -306,6 +306,18 @@ def parse_value(name: str, text: str):
         raise ConfigError(f"{name}: cannot read {text!r} as {tp}") from None
 
 
+def parse_sets(items) -> dict:
+    """``FIELD=VALUE`` strings (``--set``; ``-`` in a name reads as ``_``) as typed overrides."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        out[name] = parse_value(name, value)
+    return out
+
+
 def build_config(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
     values = dict(base)
     for key, value in overrides.items():
