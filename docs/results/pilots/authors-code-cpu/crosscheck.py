@@ -21,6 +21,7 @@ Usage (this library's venv; the release checkout and its venv's site-packages on
     cd RELEASE_DIR && python crosscheck.py RUN_DIR RELEASE_DIR RELEASE_SITE_PACKAGES RELEASE_CONFIG [R [E]]
 """
 import copy
+import os
 import sys
 import tempfile
 
@@ -242,7 +243,8 @@ assert not FEED
 report("log Z", ours_logz, alg.log_Z)
 
 # ---- 4. gradient steps --------------------------------------------------------------------------
-print("4. gradient steps on the same batches, contexts and noise (fresh Adam states in both):")
+STEP = os.environ.get("CROSSCHECK_STEP", "update_reference")  # or "update": the run's own step kind
+print(f"4. gradient steps ({STEP}, {ours.step_kind if STEP == 'update' else 'reference'}) on the same batches, contexts and noise (fresh Adam states in both):")
 print("   the change of every weight matrix, ours against the release's")
 ref = copy.deepcopy(ours)
 ref.optimizers = {k: torch.optim.Adam(getattr(ref, k).parameters(), lr=cfg.lr) for k in ("policy", "qf", "vf", "encoder")}
@@ -282,7 +284,7 @@ for step, (b, c) in enumerate(batches):
     ae = torch.randn(M * cfg.batch_size, A, generator=g)
     FEED.clear()
     FEED += [ze, ae]
-    out = ref.update_reference(b, c)
+    out = getattr(ref, STEP)(b, c)
     assert not FEED
     FEED += [torch.zeros(L)] * M + list(ze) + [ae]
     sb = [b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"]]
@@ -299,6 +301,9 @@ for step, (b, c) in enumerate(batches):
         for k in o1:
             report(f"change of {k}", o1[k] - o0[k], r1[k] - r0[k])
 torch.randn_like = _randn_like
+
+if len(sys.argv) > 5 and int(sys.argv[5]) == 0:
+    sys.exit(0)
 
 # ---- 5. one iteration's collection and filing ------------------------------------------------------
 R = int(sys.argv[5]) if len(sys.argv) > 5 else 10
