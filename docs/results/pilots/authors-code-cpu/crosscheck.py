@@ -89,29 +89,32 @@ rel_agent = alg.agent
 assert alg.reward_scale == cfg.reward_scale and alg.kl_lambda == cfg.kl_lambda and alg.discount == cfg.discount
 
 
-def copy_mlp(rel, lins_ours):
-    rel_lins = list(rel.fcs) + [rel.last_fc]
-    assert len(rel_lins) == len(lins_ours)
-    with torch.no_grad():
-        for r, o in zip(rel_lins, lins_ours):
+def layer_pairs(agent):
+    """(this library's Linear layers, the release's) of each network but the critics, in order."""
+    pol = rel_agent.policy
+    return {"encoder": ([*agent.encoder.hidden, agent.encoder.out], [*rel_agent.context_encoder.fcs, rel_agent.context_encoder.last_fc]),
+            "policy": ([*agent.policy.net.hidden, agent.policy.net.out, agent.policy.log_std], [*pol.fcs, pol.last_fc, pol.last_fc_log_std]),
+            "vf": ([*agent.vf.hidden, agent.vf.out], [*alg.vf.fcs, alg.vf.last_fc]),
+            "target vf": ([*agent.target_vf.hidden, agent.target_vf.out], [*alg.target_vf.fcs, alg.target_vf.last_fc])}
+
+
+def critic_pairs(agent):
+    """Per critic h: (this library's stacked (weight [2, in, out], bias [2, 1, out]) layers, the release's Linears)."""
+    return {f"Q{h + 1}": (h, list(zip(agent.qf.weights, agent.qf.biases)), [*qf.fcs, qf.last_fc]) for h, qf in enumerate((alg.qf1, alg.qf2))}
+
+
+@torch.no_grad()
+def sync_weights():
+    """Copy this library's trained weights into the release's networks."""
+    for o_lins, r_lins in layer_pairs(ours).values():
+        assert len(o_lins) == len(r_lins)
+        for o, r in zip(o_lins, r_lins):
             r.weight.copy_(o.weight)
             r.bias.copy_(o.bias)
-
-
-def sync_weights():
-    copy_mlp(rel_agent.context_encoder, [*ours.encoder.hidden, ours.encoder.out])
-    copy_mlp(rel_agent.policy, [*ours.policy.net.hidden, ours.policy.net.out])
-    with torch.no_grad():
-        rel_agent.policy.last_fc_log_std.weight.copy_(ours.policy.log_std.weight)
-        rel_agent.policy.last_fc_log_std.bias.copy_(ours.policy.log_std.bias)
-    copy_mlp(alg.vf, [*ours.vf.hidden, ours.vf.out])
-    copy_mlp(alg.target_vf, [*ours.target_vf.hidden, ours.target_vf.out])
-    with torch.no_grad():
-        for h, qf in enumerate((alg.qf1, alg.qf2)):
-            rel_lins = list(qf.fcs) + [qf.last_fc]
-            for lin, w, b in zip(rel_lins, ours.qf.weights, ours.qf.biases):
-                lin.weight.copy_(w[h].T)
-                lin.bias.copy_(b[h, 0])
+    for h, o_layers, r_lins in critic_pairs(ours).values():
+        for (w, bias), r in zip(o_layers, r_lins):
+            r.weight.copy_(w[h].T)
+            r.bias.copy_(bias[h, 0])
 
 
 sync_weights()
@@ -180,8 +183,9 @@ def release_path(p):
 
 
 # rewards of the release's env.reward against this library's family.reward, every step x task
-rew, term, _ = fam.reward({"pos": np.concatenate([p.infos["pos"] for p in paths])}, np.arange(N))
-rel_rd = np.array([[alg.env.reward({"x": x, "y": y}, goal) for x, y in np.concatenate([p.infos["pos"] for p in paths])]
+pos = np.concatenate([p.infos["pos"] for p in paths])
+rew, term, _ = fam.reward({"pos": pos}, np.arange(N))
+rel_rd = np.array([[alg.env.reward({"x": x, "y": y}, goal) for x, y in pos]
                    for goal in alg.train_goals])
 report("hindsight rewards", rel_rd[..., 0], rew)
 report("hindsight terminals", rel_rd[..., 1], term)
@@ -252,24 +256,17 @@ for opt_name in ("qf1_optimizer", "qf2_optimizer", "vf_optimizer", "policy_optim
     getattr(alg, opt_name).state.clear()
 
 
-def flat_ours():
-    return {"encoder": [*ref.encoder.hidden, ref.encoder.out], "policy": [*ref.policy.net.hidden, ref.policy.net.out, ref.policy.log_std],
-            "vf": [*ref.vf.hidden, ref.vf.out], "target vf": [*ref.target_vf.hidden, ref.target_vf.out]}
-
-
-def flat_rel():
-    pol = rel_agent.policy
-    return {"encoder": [*rel_agent.context_encoder.fcs, rel_agent.context_encoder.last_fc],
-            "policy": [*pol.fcs, pol.last_fc, pol.last_fc_log_std], "vf": [*alg.vf.fcs, alg.vf.last_fc],
-            "target vf": [*alg.target_vf.fcs, alg.target_vf.last_fc]}
-
-
 def snapshot():
-    o = {k: torch.cat([torch.cat([l.weight.detach().flatten(), l.bias.detach().flatten()]) for l in v]) for k, v in flat_ours().items()}
-    r = {k: torch.cat([torch.cat([l.weight.detach().flatten(), l.bias.detach().flatten()]) for l in v]) for k, v in flat_rel().items()}
-    for h, qf in enumerate((alg.qf1, alg.qf2)):
-        o[f"Q{h + 1}"] = torch.cat([torch.cat([w[h].detach().T.flatten(), b[h, 0].detach()]) for w, b in zip(ref.qf.weights, ref.qf.biases)])
-        r[f"Q{h + 1}"] = torch.cat([torch.cat([l.weight.detach().flatten(), l.bias.detach().flatten()]) for l in [*qf.fcs, qf.last_fc]])
+    """All parameters of each network, flattened, in this library and in the release."""
+    def flat(lins):
+        return torch.cat([torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]) for lin in lins])
+
+    o, r = {}, {}
+    for k, (o_lins, r_lins) in layer_pairs(ref).items():
+        o[k], r[k] = flat(o_lins), flat(r_lins)
+    for k, (h, o_layers, r_lins) in critic_pairs(ref).items():
+        o[k] = torch.cat([torch.cat([w[h].detach().T.flatten(), bias[h, 0].detach()]) for w, bias in o_layers])
+        r[k] = flat(r_lins)
     return o, r
 
 
