@@ -173,6 +173,26 @@ def test_resume_refuses_a_config_changed_since_the_checkpoint(finished_run, tmp_
     assert _files(run) == before
 
 
+def test_resume_continues_a_run_made_before_newer_fields_existed(finished_run, tmp_path, capsys):
+    """A checkpoint and config.json written before ``keep_initial_encoder_data`` and
+    ``relabel_truncate`` existed: the run behaved as their defaults do, so it resumes."""
+    import metarelabel.checkpoint as ckpt
+
+    run = _copy(finished_run, tmp_path)
+    meta = json.loads((run / "run.json").read_text())
+    body = ckpt.load_latest(run / "checkpoints", run_id=meta["run_id"])
+    for f in ("keep_initial_encoder_data", "relabel_truncate"):
+        del body["payload"]["config"][f]
+    ckpt.save(run / "checkpoints", body["iteration"], body["payload"], keep=5, run_id=meta["run_id"])
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["keep_initial_encoder_data"], cfg["relabel_truncate"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run_main(["resume", run, "--num-iterations", "3"], capsys)
+    assert code == 0, err
+    rows = (run / "progress.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3
+
+
 def test_sweep_dry_run_validates_the_device(tmp_path, capsys):
     import torch
 

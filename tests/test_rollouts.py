@@ -441,3 +441,37 @@ def test_relabeled_path_filing_truncates_only_when_asked(tmp_path, truncate):
     assert n == (2 if truncate else 4)
     np.testing.assert_array_equal(tr.rl_buf.data["terminals"][1, size:size + n, 0], [0, 1] if truncate else [0, 1, 1, 1])
     np.testing.assert_array_equal(tr.rl_buf.data["rewards"][1, size:size + n, 0], [-3, 0] if truncate else [-3, 0, 0, 0])
+
+
+@pytest.mark.parametrize("rollouts", ["vector", "sequential"])
+def test_first_iteration_keeps_initial_encoder_data_only_when_asked(tmp_path, rollouts):
+    """Same seed, same draws: the first iteration collects the same paths either way.  With
+    ``keep_initial_encoder_data`` (the release) a visited task's encoder buffer holds its initial
+    rows followed by the rows the default run holds alone; the second iteration's visits replace
+    both."""
+    def snap(buf):
+        return [{k: v[t, :buf.size[t]].copy() for k, v in buf.data.items()} for t in range(buf.num_tasks)]
+
+    runs = []
+    for k in (False, True):  # one after the other: the policy draws from torch's global generator
+        tr = _trainer(tmp_path / str(k), keep_initial_encoder_data=k, rollouts=rollouts)
+        states = []
+        for step in (tr.initial_collection, tr.collect_iteration, tr.collect_iteration):
+            step()
+            states.append(snap(tr.enc_buf))
+        runs.append(states)
+    (init, replace, again), (init_k, keep, again_k) = runs
+    visited = 0
+    for t in range(4):
+        revisited = not all(np.array_equal(again[t][k], replace[t][k]) for k in init[t])
+        for k in init[t]:
+            np.testing.assert_array_equal(init_k[t][k], init[t][k])
+            # the second iteration replaces a visited task's data in both; others keep theirs
+            np.testing.assert_array_equal(again_k[t][k], again[t][k] if revisited else keep[t][k])
+        if all(np.array_equal(replace[t][k], init[t][k]) for k in init[t]):
+            assert all(np.array_equal(keep[t][k], init[t][k]) for k in init[t])  # not visited
+            continue
+        visited += 1
+        for k in init[t]:
+            np.testing.assert_array_equal(keep[t][k], np.concatenate([init[t][k], replace[t][k]]))
+    assert visited >= 2

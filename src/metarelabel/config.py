@@ -157,6 +157,11 @@ class Config:
     """Cut a path filed under another task at its first terminal under that task (and mask HFR's
     hindsight context there).  False keeps the whole path with every step's reward and terminal
     recomputed, as the original release does."""
+    keep_initial_encoder_data: bool = False
+    """False: the first iteration's collection replaces each visited task's encoder data from
+    the initial collection, as every later iteration replaces the one before.  True: the
+    first iteration adds to it, as the original release does (its clear-on-write flags start
+    cleared after the initial collection); from the second iteration on both are the same."""
     hardmax: bool = False
     """Assign the argmax task instead of sampling from q(psi | tau)."""
     utility_batch_size: int = _f(1024, lo=1)

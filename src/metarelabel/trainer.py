@@ -393,7 +393,8 @@ class Trainer:
         else:
             for task in self.train_tasks:
                 self.collect(int(task), self.cfg.num_initial_steps, posterior=False, feeds_encoder=True, relabel=False)
-        self.enc_buf.mark_all_for_clear()
+        if not self.cfg.keep_initial_encoder_data:
+            self.enc_buf.mark_all_for_clear()
         self.initial_done = True
 
     def collect_iteration(self) -> None:
@@ -699,7 +700,9 @@ def load_trainer(run_dir, echo=print, device: str | None = None, tensorboard: bo
     except (OSError, json.JSONDecodeError):
         raise RunDirError(f"{run_dir}/run.json is missing or unreadable") from None
     body = ckpt.load_latest(run_dir / "checkpoints", run_id=meta.get("run_id"))
-    made_with = {**LEGACY_DEFAULTS, **body["payload"].get("config", {})}
+    # a field the checkpoint lacks did not exist when it was made: the run behaved as its
+    # default did (or as LEGACY_DEFAULTS says, where the default changed since)
+    made_with = {**Config().to_dict(), **LEGACY_DEFAULTS, **body["payload"].get("config", {})}
     # num_iterations may have been raised to extend the run; run-only fields may differ
     diffs = [d for d in config_differences(made_with, cfg.to_dict()) if not d.startswith("num_iterations ")]
     if diffs:
