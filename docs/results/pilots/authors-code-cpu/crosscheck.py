@@ -14,6 +14,7 @@ the same settings*), copies the trained weights into it, and compares:
      same weights and log Z, compared in distribution (own-task success of the collected paths,
      goal-reaching transitions filed, per iteration and per task);
   6. the meta-test protocol, E times in each code on the same weights, compared in distribution.
+A `none` run (the release's `none` config) skips 2 and 3.
 In 1-4 both codes take their standard-normal draws from one queue, in the order each code draws
 them, so they must agree to float rounding.
 
@@ -65,7 +66,10 @@ def _fed_randn_like(x, *a, **k):
 
 
 # ---------------------------------------------------------------------------------------------
-trainer, _ = load_trainer(run_dir, echo=lambda *a, **k: None)
+R = int(sys.argv[5]) if len(sys.argv) > 5 else 10
+with open(os.path.join(run_dir, "config.json")) as fh:  # room in the buffers for part 5's R more iterations
+    planned = __import__("json").load(fh)["num_iterations"]
+trainer, _ = load_trainer(run_dir, echo=lambda *a, **k: None, num_iterations=planned + R)
 ours = trainer.agent
 cfg = trainer.cfg
 print(f"our run: {run_dir} at iteration {trainer.iteration}; init={cfg.init} truncate={cfg.relabel_truncate} "
@@ -140,111 +144,124 @@ with torch.no_grad():
 report("posterior mean", mu, rel_agent.z_means)
 report("posterior variance", var, rel_agent.z_vars)
 
-# ---- 2. HFR logits of the same paths -----------------------------------------------------------
-print("2. HFR logits U - log Z of the same paths (the release's relabel_hfr_q)")
-fam = trainer.env
-paths = []
-torch.manual_seed(3)
-from metarelabel.sampler import context_from, context_tensor  # noqa: E402
-
-
-class Walker:
-    """Walks to a corner at full speed and stays there."""
-
-    def __init__(self, goal):
-        self.goal = np.asarray(goal, np.float64)
-
-    def act(self, obs, z, deterministic=False):
-        return np.clip((self.goal - obs) * 10.0, -1.0, 1.0).astype(np.float32)
-
-
-brng = np.random.default_rng(5)
-for task in range(4):
-    fam.set_task(task)
-    for _ in range(4):  # prior z: the meta-test's exploration trajectories
-        paths.append(rollout(fam, ours, ours.prior_z(1), cfg.max_path_length))
-    c = trainer.enc_buf.gather(np.array([task]), trainer.enc_buf.sample_indices(np.array([task]), 128, brng), trainer.ctx_keys)
-    with torch.no_grad():
-        z = ours.sample_z(*ours.infer_posterior(context_tensor(context_from(c, trainer.ctx_key, False), trainer.device)))
-    for det in (False, False, False, True):  # posterior z of the task's own context
-        paths.append(rollout(fam, ours, z, cfg.max_path_length, deterministic=det))
-    # a path collected on this task that walks to the next task's corner and lingers there
-    paths.append(rollout(fam, Walker(fam.tasks[(task + 1) % 4]), None, cfg.max_path_length))
-P, N, B = len(paths), 4, cfg.utility_batch_size
-print(f"  {P} paths, lengths {sorted(len(p) for p in paths)}; successes {sum(bool(p.success.any()) for p in paths)}")
-
-
-def release_path(p):
-    infos = [{"x": float(x), "y": float(y)} for x, y in p.infos["pos"]]
-    return {"observations": p.obs.astype(np.float64), "actions": p.actions.astype(np.float64),
-            "rewards": p.rewards.reshape(-1, 1).astype(np.float64), "next_observations": p.next_obs.astype(np.float64),
-            "terminals": p.terminals.reshape(-1, 1).astype(np.float64), "env_infos": infos,
-            "agent_infos": [{} for _ in infos]}
-
-
-# rewards of the release's env.reward against this library's family.reward, every step x task
-pos = np.concatenate([p.infos["pos"] for p in paths])
-rew, term, _ = fam.reward({"pos": pos}, np.arange(N))
-rel_rd = np.array([[alg.env.reward({"x": x, "y": y}, goal) for x, y in pos]
-                   for goal in alg.train_goals])
-report("hindsight rewards", rel_rd[..., 0], rew)
-report("hindsight terminals", rel_rd[..., 1], term)
-
-# start states: the release's replay buffers get the origin, ours hold the run's own
-starts = trainer.rl_buf.sample_starts(np.arange(N), 64, np.random.default_rng(0))
-print(f"  our stored start states: max |s0| = {np.abs(starts).max():.3g}")
-for idx in range(N):
-    alg.replay_buffer.task_buffers[idx].add_start_obs(np.zeros(2))
-
-rel = trainer.relabeler
-log_z = rel.log_z.copy()
-alg.log_Z = log_z.copy()
-z_eps = torch.randn(P * N, L, generator=g)
-a_eps = torch.randn(P * N, B, A, generator=g)
-with torch.no_grad():
-    U = rel.utilities(paths, z_eps, a_eps)
-ours_logits = U - log_z[None]
-
-captured_logits = []
 _softmax = sac_module.softmax
-sac_module.softmax = lambda x: (captured_logits.append(np.array(x)), _softmax(x))[1]
-torch.distributions.Normal.rsample = _rsample
-torch.distributions.Normal.sample = _sample
-FEED.clear()
-for k in range(P * N):
-    FEED += [torch.zeros(L), z_eps[k], a_eps[k]]  # infer_posterior's draw (discarded), sample_z's, actions
-alg.task_idx = 0
-alg.relabel_hfr_q([release_path(p) for p in paths], add_to_enc_buffer=True, add_original=False)
-assert not FEED
-rel_logits = np.stack(captured_logits)
-report("HFR logits", ours_logits, rel_logits)
-p_ours = np.exp(ours_logits - ours_logits.max(1, keepdims=True))
-p_ours /= p_ours.sum(1, keepdims=True)
-p_rel = np.stack([_softmax(x) for x in rel_logits])
-report("assignment probabilities", p_ours, p_rel)
-print(f"  argmax agrees on {(p_ours.argmax(1) == p_rel.argmax(1)).sum()} of {P} paths; "
-      f"argmax = own task on {(p_ours.argmax(1) == np.array([p.task for p in paths])).sum()}")
 
-# ---- 3. log Z from the same contexts ---------------------------------------------------------------
-print("3. log Z from the same contexts (20 draws per task of 20 transitions from the run's encoder buffers)")
-S, H = 20, cfg.max_path_length
-ctxs = [trainer.sample_training_batch(np.random.default_rng(100 + i))[1][:, :H] for i in range(S)]
-zs = [torch.randn(N, L, generator=g) for _ in range(S)]
-acts = [torch.randn(N * B, A, generator=g) for _ in range(S)]
-starts0 = torch.zeros(N, B, 2)
-with torch.no_grad():
-    vals = torch.stack([ours.start_state_value(starts0, ours.sample_z(*ours.infer_posterior(c), zs[i]),
-                                               acts[i].reshape(N, B, A)) for i, c in enumerate(ctxs)], 1)
-ours_logz = (torch.logsumexp(vals.double(), 1) - np.log(S)).numpy()
-FEED.clear()
-for i in range(S):
-    FEED += [torch.zeros(L)] * N + list(zs[i]) + [acts[i]]
-ci = iter(ctxs)
-alg.sample_context = lambda indices, use_sampler_buffer=False, batch_size=None: (next(ci), indices)
-alg.sample_start_obs = lambda indices, batch_size=None: torch.zeros(len(indices), batch_size, 2)
-alg.compute_log_Z()
-assert not FEED
-report("log Z", ours_logz, alg.log_Z)
+
+def hfr_parts():
+    """Parts 2 and 3 (an HFR run only); returns this library's log Z, set in both codes."""
+    global FEED
+    # ---- 2. HFR logits of the same paths -----------------------------------------------------------
+    print("2. HFR logits U - log Z of the same paths (the release's relabel_hfr_q)")
+    fam = trainer.env
+    paths = []
+    torch.manual_seed(3)
+    from metarelabel.sampler import context_from, context_tensor  # noqa: E402
+
+
+    class Walker:
+        """Walks to a corner at full speed and stays there."""
+
+        def __init__(self, goal):
+            self.goal = np.asarray(goal, np.float64)
+
+        def act(self, obs, z, deterministic=False):
+            return np.clip((self.goal - obs) * 10.0, -1.0, 1.0).astype(np.float32)
+
+
+    brng = np.random.default_rng(5)
+    for task in range(4):
+        fam.set_task(task)
+        for _ in range(4):  # prior z: the meta-test's exploration trajectories
+            paths.append(rollout(fam, ours, ours.prior_z(1), cfg.max_path_length))
+        c = trainer.enc_buf.gather(np.array([task]), trainer.enc_buf.sample_indices(np.array([task]), 128, brng), trainer.ctx_keys)
+        with torch.no_grad():
+            z = ours.sample_z(*ours.infer_posterior(context_tensor(context_from(c, trainer.ctx_key, False), trainer.device)))
+        for det in (False, False, False, True):  # posterior z of the task's own context
+            paths.append(rollout(fam, ours, z, cfg.max_path_length, deterministic=det))
+        # a path collected on this task that walks to the next task's corner and lingers there
+        paths.append(rollout(fam, Walker(fam.tasks[(task + 1) % 4]), None, cfg.max_path_length))
+    P, N, B = len(paths), 4, cfg.utility_batch_size
+    print(f"  {P} paths, lengths {sorted(len(p) for p in paths)}; successes {sum(bool(p.success.any()) for p in paths)}")
+
+
+    def release_path(p):
+        infos = [{"x": float(x), "y": float(y)} for x, y in p.infos["pos"]]
+        return {"observations": p.obs.astype(np.float64), "actions": p.actions.astype(np.float64),
+                "rewards": p.rewards.reshape(-1, 1).astype(np.float64), "next_observations": p.next_obs.astype(np.float64),
+                "terminals": p.terminals.reshape(-1, 1).astype(np.float64), "env_infos": infos,
+                "agent_infos": [{} for _ in infos]}
+
+
+    # rewards of the release's env.reward against this library's family.reward, every step x task
+    pos = np.concatenate([p.infos["pos"] for p in paths])
+    rew, term, _ = fam.reward({"pos": pos}, np.arange(N))
+    rel_rd = np.array([[alg.env.reward({"x": x, "y": y}, goal) for x, y in pos]
+                       for goal in alg.train_goals])
+    report("hindsight rewards", rel_rd[..., 0], rew)
+    report("hindsight terminals", rel_rd[..., 1], term)
+
+    # start states: the release's replay buffers get the origin, ours hold the run's own
+    starts = trainer.rl_buf.sample_starts(np.arange(N), 64, np.random.default_rng(0))
+    print(f"  our stored start states: max |s0| = {np.abs(starts).max():.3g}")
+    for idx in range(N):
+        alg.replay_buffer.task_buffers[idx].add_start_obs(np.zeros(2))
+
+    rel = trainer.relabeler
+    log_z = rel.log_z.copy()
+    alg.log_Z = log_z.copy()
+    z_eps = torch.randn(P * N, L, generator=g)
+    a_eps = torch.randn(P * N, B, A, generator=g)
+    with torch.no_grad():
+        U = rel.utilities(paths, z_eps, a_eps)
+    ours_logits = U - log_z[None]
+
+    captured_logits = []
+    sac_module.softmax = lambda x: (captured_logits.append(np.array(x)), _softmax(x))[1]
+    torch.distributions.Normal.rsample = _rsample
+    torch.distributions.Normal.sample = _sample
+    FEED.clear()
+    for k in range(P * N):
+        FEED += [torch.zeros(L), z_eps[k], a_eps[k]]  # infer_posterior's draw (discarded), sample_z's, actions
+    alg.task_idx = 0
+    alg.relabel_hfr_q([release_path(p) for p in paths], add_to_enc_buffer=True, add_original=False)
+    assert not FEED
+    rel_logits = np.stack(captured_logits)
+    report("HFR logits", ours_logits, rel_logits)
+    p_ours = np.exp(ours_logits - ours_logits.max(1, keepdims=True))
+    p_ours /= p_ours.sum(1, keepdims=True)
+    p_rel = np.stack([_softmax(x) for x in rel_logits])
+    report("assignment probabilities", p_ours, p_rel)
+    print(f"  argmax agrees on {(p_ours.argmax(1) == p_rel.argmax(1)).sum()} of {P} paths; "
+          f"argmax = own task on {(p_ours.argmax(1) == np.array([p.task for p in paths])).sum()}")
+
+    # ---- 3. log Z from the same contexts ---------------------------------------------------------------
+    print("3. log Z from the same contexts (20 draws per task of 20 transitions from the run's encoder buffers)")
+    S, H = 20, cfg.max_path_length
+    ctxs = [trainer.sample_training_batch(np.random.default_rng(100 + i))[1][:, :H] for i in range(S)]
+    zs = [torch.randn(N, L, generator=g) for _ in range(S)]
+    acts = [torch.randn(N * B, A, generator=g) for _ in range(S)]
+    starts0 = torch.zeros(N, B, 2)
+    with torch.no_grad():
+        vals = torch.stack([ours.start_state_value(starts0, ours.sample_z(*ours.infer_posterior(c), zs[i]),
+                                                   acts[i].reshape(N, B, A)) for i, c in enumerate(ctxs)], 1)
+    ours_logz = (torch.logsumexp(vals.double(), 1) - np.log(S)).numpy()
+    FEED.clear()
+    for i in range(S):
+        FEED += [torch.zeros(L)] * N + list(zs[i]) + [acts[i]]
+    ci = iter(ctxs)
+    alg.sample_context = lambda indices, use_sampler_buffer=False, batch_size=None: (next(ci), indices)
+    alg.sample_start_obs = lambda indices, batch_size=None: torch.zeros(len(indices), batch_size, 2)
+    alg.compute_log_Z()
+    assert not FEED
+    report("log Z", ours_logz, alg.log_Z)
+    return log_z
+
+
+if cfg.relabel == "hfr":
+    log_z = hfr_parts()
+else:  # `none` keeps every path with its task: no utilities, no log Z
+    print(f"2-3. skipped: the run's relabeling is {cfg.relabel}")
+    log_z = np.zeros(4)
 
 # ---- 4. gradient steps --------------------------------------------------------------------------
 STEP = os.environ.get("CROSSCHECK_STEP", "update_reference")  # or "update": the run's own step kind
@@ -275,6 +292,8 @@ for k in o0:
     assert torch.equal(o0[k], r0[k]), k
 batches = [trainer.sample_training_batch(np.random.default_rng(200 + i)) for i in range(5)]
 torch.randn_like = _fed_randn_like
+torch.distributions.Normal.rsample = _rsample  # (parts 2-3 install them too; a `none` run skips those)
+torch.distributions.Normal.sample = _sample
 M = cfg.meta_batch
 for step, (b, c) in enumerate(batches):
     ze = torch.randn(M, L, generator=g)
@@ -303,7 +322,6 @@ if len(sys.argv) > 5 and int(sys.argv[5]) == 0:
     sys.exit(0)
 
 # ---- 5. one iteration's collection and filing ------------------------------------------------------
-R = int(sys.argv[5]) if len(sys.argv) > 5 else 10
 print(f"5. collection and filing of {R} iterations in each code (10 visits of 100 + 900 steps), from the same")
 print("   trained weights and log Z (no gradient steps in between; the release's own loop body)")
 sync_weights()
@@ -312,7 +330,8 @@ trainer.relabeler.log_z = log_z.copy()
 sac_module.softmax = _softmax
 torch.distributions.Normal.rsample = _NormalRsample
 torch.distributions.Normal.sample = _NormalSample
-del alg.sample_context, alg.sample_start_obs, alg.sample_sac
+for name in ("sample_context", "sample_start_obs", "sample_sac"):  # the replacements parts 3-4 installed
+    vars(alg).pop(name, None)
 torch.manual_seed(11)
 np.random.seed(11)
 
