@@ -22,6 +22,7 @@ Usage (this library's venv; the release checkout and its venv's site-packages on
     cd RELEASE_DIR && python crosscheck.py RUN_DIR RELEASE_DIR RELEASE_SITE_PACKAGES RELEASE_CONFIG [R [E]]
 """
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -33,7 +34,7 @@ run_dir, rel_dir, rel_site, rel_cfg = sys.argv[1:5]
 sys.path.insert(0, rel_dir)
 sys.path.append(rel_site)
 
-from metarelabel.sampler import rollout  # noqa: E402
+from metarelabel.sampler import context_from, context_tensor, rollout  # noqa: E402
 from metarelabel.trainer import load_trainer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def _fed_randn_like(x, *a, **k):
 # ---------------------------------------------------------------------------------------------
 R = int(sys.argv[5]) if len(sys.argv) > 5 else 10
 with open(os.path.join(run_dir, "config.json")) as fh:  # room in the buffers for part 5's R more iterations
-    planned = __import__("json").load(fh)["num_iterations"]
+    planned = json.load(fh)["num_iterations"]
 trainer, _ = load_trainer(run_dir, echo=lambda *a, **k: None, num_iterations=planned + R)
 ours = trainer.agent
 cfg = trainer.cfg
@@ -76,7 +77,6 @@ print(f"our run: {run_dir} at iteration {trainer.iteration}; init={cfg.init} tru
       f"squash={cfg.squash_log_prob}")
 
 # the release's algorithm, built by its own launcher (train() captured instead of run)
-import json  # noqa: E402
 import launch_experiment as le  # noqa: E402
 from configs.default import default_config  # noqa: E402
 import rlkit.torch.sac.sac as sac_module  # noqa: E402
@@ -145,18 +145,18 @@ report("posterior mean", mu, rel_agent.z_means)
 report("posterior variance", var, rel_agent.z_vars)
 
 _softmax = sac_module.softmax
+# from here to part 5 both codes' Normal draws come from FEED
+torch.distributions.Normal.rsample = _rsample
+torch.distributions.Normal.sample = _sample
 
 
 def hfr_parts():
     """Parts 2 and 3 (an HFR run only); returns this library's log Z, set in both codes."""
-    global FEED
     # ---- 2. HFR logits of the same paths -----------------------------------------------------------
     print("2. HFR logits U - log Z of the same paths (the release's relabel_hfr_q)")
     fam = trainer.env
     paths = []
     torch.manual_seed(3)
-    from metarelabel.sampler import context_from, context_tensor  # noqa: E402
-
 
     class Walker:
         """Walks to a corner at full speed and stays there."""
@@ -166,7 +166,6 @@ def hfr_parts():
 
         def act(self, obs, z, deterministic=False):
             return np.clip((self.goal - obs) * 10.0, -1.0, 1.0).astype(np.float32)
-
 
     brng = np.random.default_rng(5)
     for task in range(4):
@@ -183,14 +182,12 @@ def hfr_parts():
     P, N, B = len(paths), 4, cfg.utility_batch_size
     print(f"  {P} paths, lengths {sorted(len(p) for p in paths)}; successes {sum(bool(p.success.any()) for p in paths)}")
 
-
     def release_path(p):
         infos = [{"x": float(x), "y": float(y)} for x, y in p.infos["pos"]]
         return {"observations": p.obs.astype(np.float64), "actions": p.actions.astype(np.float64),
                 "rewards": p.rewards.reshape(-1, 1).astype(np.float64), "next_observations": p.next_obs.astype(np.float64),
                 "terminals": p.terminals.reshape(-1, 1).astype(np.float64), "env_infos": infos,
                 "agent_infos": [{} for _ in infos]}
-
 
     # rewards of the release's env.reward against this library's family.reward, every step x task
     pos = np.concatenate([p.infos["pos"] for p in paths])
@@ -217,11 +214,9 @@ def hfr_parts():
 
     captured_logits = []
     sac_module.softmax = lambda x: (captured_logits.append(np.array(x)), _softmax(x))[1]
-    torch.distributions.Normal.rsample = _rsample
-    torch.distributions.Normal.sample = _sample
     FEED.clear()
     for k in range(P * N):
-        FEED += [torch.zeros(L), z_eps[k], a_eps[k]]  # infer_posterior's draw (discarded), sample_z's, actions
+        FEED.extend([torch.zeros(L), z_eps[k], a_eps[k]])  # infer_posterior's draw (discarded), sample_z's, actions
     alg.task_idx = 0
     alg.relabel_hfr_q([release_path(p) for p in paths], add_to_enc_buffer=True, add_original=False)
     assert not FEED
@@ -247,7 +242,7 @@ def hfr_parts():
     ours_logz = (torch.logsumexp(vals.double(), 1) - np.log(S)).numpy()
     FEED.clear()
     for i in range(S):
-        FEED += [torch.zeros(L)] * N + list(zs[i]) + [acts[i]]
+        FEED.extend([torch.zeros(L)] * N + list(zs[i]) + [acts[i]])
     ci = iter(ctxs)
     alg.sample_context = lambda indices, use_sampler_buffer=False, batch_size=None: (next(ci), indices)
     alg.sample_start_obs = lambda indices, batch_size=None: torch.zeros(len(indices), batch_size, 2)
@@ -292,8 +287,6 @@ for k in o0:
     assert torch.equal(o0[k], r0[k]), k
 batches = [trainer.sample_training_batch(np.random.default_rng(200 + i)) for i in range(5)]
 torch.randn_like = _fed_randn_like
-torch.distributions.Normal.rsample = _rsample  # (parts 2-3 install them too; a `none` run skips those)
-torch.distributions.Normal.sample = _sample
 M = cfg.meta_batch
 for step, (b, c) in enumerate(batches):
     ze = torch.randn(M, L, generator=g)
@@ -318,7 +311,7 @@ for step, (b, c) in enumerate(batches):
             report(f"change of {k}", o1[k] - o0[k], r1[k] - r0[k])
 torch.randn_like = _randn_like
 
-if len(sys.argv) > 5 and int(sys.argv[5]) == 0:
+if R == 0:
     sys.exit(0)
 
 # ---- 5. one iteration's collection and filing ------------------------------------------------------
