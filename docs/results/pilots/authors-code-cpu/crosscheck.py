@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -76,52 +75,14 @@ cfg = trainer.cfg
 print(f"our run: {run_dir} at iteration {trainer.iteration}; init={cfg.init} truncate={cfg.relabel_truncate} "
       f"squash={cfg.squash_log_prob}")
 
-# the release's algorithm, built by its own launcher (train() captured instead of run)
-import launch_experiment as le  # noqa: E402
-from configs.default import default_config  # noqa: E402
+# the release's algorithm, built by its own launcher
 import rlkit.torch.sac.sac as sac_module  # noqa: E402
+from relbridge import build_release, critic_pairs, layer_pairs, release_collect, sync_weights  # noqa: E402
 
-captured = []
-le.PEARLSoftActorCritic.train = lambda self: captured.append(self)
-le.setup_logger = lambda *a, **k: tempfile.mkdtemp()
-variant = le.deep_update_dict(json.load(open(rel_cfg)), copy.deepcopy(default_config))
-variant["util_params"]["gpu_id"] = 0
-le.experiment(variant)
-alg = captured[0]
-torch.set_num_threads(1)
+alg = build_release(rel_cfg)
 rel_agent = alg.agent
 assert alg.reward_scale == cfg.reward_scale and alg.kl_lambda == cfg.kl_lambda and alg.discount == cfg.discount
-
-
-def layer_pairs(agent):
-    """(this library's Linear layers, the release's) of each network but the critics, in order."""
-    pol = rel_agent.policy
-    return {"encoder": ([*agent.encoder.hidden, agent.encoder.out], [*rel_agent.context_encoder.fcs, rel_agent.context_encoder.last_fc]),
-            "policy": ([*agent.policy.net.hidden, agent.policy.net.out, agent.policy.log_std], [*pol.fcs, pol.last_fc, pol.last_fc_log_std]),
-            "vf": ([*agent.vf.hidden, agent.vf.out], [*alg.vf.fcs, alg.vf.last_fc]),
-            "target vf": ([*agent.target_vf.hidden, agent.target_vf.out], [*alg.target_vf.fcs, alg.target_vf.last_fc])}
-
-
-def critic_pairs(agent):
-    """Per critic h: (this library's stacked (weight [2, in, out], bias [2, 1, out]) layers, the release's Linears)."""
-    return {f"Q{h + 1}": (h, list(zip(agent.qf.weights, agent.qf.biases)), [*qf.fcs, qf.last_fc]) for h, qf in enumerate((alg.qf1, alg.qf2))}
-
-
-@torch.no_grad()
-def sync_weights():
-    """Copy this library's trained weights into the release's networks."""
-    for o_lins, r_lins in layer_pairs(ours).values():
-        assert len(o_lins) == len(r_lins)
-        for o, r in zip(o_lins, r_lins):
-            r.weight.copy_(o.weight)
-            r.bias.copy_(o.bias)
-    for h, o_layers, r_lins in critic_pairs(ours).values():
-        for (w, bias), r in zip(o_layers, r_lins):
-            r.weight.copy_(w[h].T)
-            r.bias.copy_(bias[h, 0])
-
-
-sync_weights()
+sync_weights(ours, alg)
 
 
 def report(name, a, b):
@@ -274,9 +235,9 @@ def snapshot():
         return torch.cat([torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]) for lin in lins])
 
     o, r = {}, {}
-    for k, (o_lins, r_lins) in layer_pairs(ref).items():
+    for k, (o_lins, r_lins) in layer_pairs(ref, alg).items():
         o[k], r[k] = flat(o_lins), flat(r_lins)
-    for k, (h, o_layers, r_lins) in critic_pairs(ref).items():
+    for k, (h, o_layers, r_lins) in critic_pairs(ref, alg).items():
         o[k] = torch.cat([torch.cat([w[h].detach().T.flatten(), bias[h, 0].detach()]) for w, bias in o_layers])
         r[k] = flat(r_lins)
     return o, r
@@ -317,7 +278,7 @@ if R == 0:
 # ---- 5. one iteration's collection and filing ------------------------------------------------------
 print(f"5. collection and filing of {R} iterations in each code (10 visits of 100 + 900 steps), from the same")
 print("   trained weights and log Z (no gradient steps in between; the release's own loop body)")
-sync_weights()
+sync_weights(ours, alg)
 alg.log_Z = log_z.copy()
 trainer.relabeler.log_z = log_z.copy()
 sac_module.softmax = _softmax
@@ -387,15 +348,7 @@ for r in range(R):
     bufs = alg.replay_buffer.task_buffers
     before = [bufs[t]._size for t in range(4)]
     assert all(bufs[t]._top == before[t] for t in range(4))
-    for i in range(alg.num_tasks_sample):  # the body of the release's train() loop, collection part
-        np.random.uniform(0.0, 1.0)
-        idx = np.random.randint(len(alg.train_tasks))
-        alg.task_idx = idx
-        alg.env.reset_task(idx)
-        alg.sampler_enc_replay_buffer.task_buffers[idx].clear()
-        alg.collect_data_new(alg.num_steps_prior, 1, np.inf, add_to_enc_buffer=True)
-        alg.collect_data_new(alg.num_steps_posterior, 1, alg.update_post_train, add_to_enc_buffer=True)
-    alg.should_clear[:] = 1.0
+    release_collect(alg)
     filed = [(bufs[t]._size - before[t], int(bufs[t]._terminals[before[t]:bufs[t]._size].sum())) for t in range(4)]
     rel_rows.append(stats(recs, filed, 'release'))
 
@@ -422,7 +375,7 @@ for t in range(4):
 # ---- 6. the meta-test protocol ----------------------------------------------------------------------
 E = int(sys.argv[6]) if len(sys.argv) > 6 else 30
 print(f"6. the meta-test (4 tasks x 2 runs x 400 steps, 5 exploration trajectories), {E} times in each code, same weights")
-sync_weights()
+sync_weights(ours, alg)
 ours_succ, rel_succ = [], []
 for _ in range(E):
     ours_succ.append(trainer.evaluator.evaluate(trainer.eval_tasks, "meta_test")["meta_test/success_rate"])
