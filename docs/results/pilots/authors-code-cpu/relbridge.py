@@ -57,11 +57,12 @@ def sync_weights(agent, alg):
 
 
 def fill_release_buffers(trainer, alg):
-    """Copy this library's RL and encoder buffers (every stored transition, and the RL buffer's start
-    states) into the release's replay_buffer and enc_replay_buffer; its sampler buffer stays empty
-    (each visit clears it first).  Both codes' next add to a task's encoder buffer then clears it
-    (`should_clear` set), as after any iteration."""
-    for ours, theirs in ((trainer.rl_buf, alg.replay_buffer), (trainer.enc_buf, alg.enc_replay_buffer)):
+    """Copy this library's RL, encoder and sampler buffers (every stored transition, and the RL
+    buffer's start states) into the release's replay_buffer, enc_replay_buffer and
+    sampler_enc_replay_buffer (each task's last visit: log Z draws its contexts there).  Both codes'
+    next add to a task's encoder buffer then clears it (`should_clear` set), as after any iteration."""
+    for ours, theirs in ((trainer.rl_buf, alg.replay_buffer), (trainer.enc_buf, alg.enc_replay_buffer),
+                         (trainer.smp_buf, alg.sampler_enc_replay_buffer)):
         assert ours.size.sum() == ours.ptr.sum(), "a wrapped ring buffer"
         for t in range(trainer.num_tasks):
             n = int(ours.size[t])
