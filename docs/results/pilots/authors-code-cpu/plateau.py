@@ -4,7 +4,7 @@ weights, the same RL and encoder buffers (relbridge.fill_release_buffers), fresh
 both codes, numpy and torch seeded with SEED.  Each iteration is the code's own loop body:
 collection and filing, then (the release) log Z, the gradient steps, and the meta-test.  Writes
 one CSV row per iteration: meta-test success, the collected paths' own-task success, the goal
-transitions filed.  Run once per (code, seed); compare the codes' rows in distribution.
+transitions filed (in all and per task).  Run once per (code, seed); compare the codes' rows in distribution.
 
 Usage (this library's venv; the release checkout and its venv's site-packages on the path):
     cd RELEASE_DIR && python plateau.py RUN_DIR RELEASE_DIR RELEASE_SITE_PACKAGES RELEASE_CONFIG {ours,release} SEED K OUT_CSV
@@ -38,12 +38,14 @@ torch.set_num_threads(1)
 rows = []
 
 
-def record(it, success, paths, filed_goal, t0):
+def record(it, success, paths, goal_per_task, t0):
+    """`goal_per_task`: goal-reaching transitions filed under each task this iteration."""
     own = float(np.mean(paths)) if paths else float("nan")
     rows.append({"code": code, "seed": seed, "iteration": start + it, "success": success, "collect_success": own,
-                 "goal_filed": filed_goal, "seconds": round(time.perf_counter() - t0, 1)})
+                 "goal_filed": sum(goal_per_task), **{f"goal_filed_{t}": g for t, g in enumerate(goal_per_task)},
+                 "seconds": round(time.perf_counter() - t0, 1)})
     print(f"{code} seed {seed} iteration {start + it}: meta-test {success:.3f}, collected own-task success {own:.3f}, "
-          f"goal transitions filed {filed_goal}, {rows[-1]['seconds']} s", flush=True)
+          f"goal transitions filed {goal_per_task}, {rows[-1]['seconds']} s", flush=True)
 
 
 if code == "ours":
@@ -59,7 +61,7 @@ if code == "ours":
         before = trainer.rl_buf.size.copy()
         row = trainer.run_iteration()
         after = trainer.rl_buf.size
-        goal = sum(int(trainer.rl_buf.data["terminals"][t, before[t]:after[t]].sum()) for t in range(trainer.num_tasks))
+        goal = [int(trainer.rl_buf.data["terminals"][t, before[t]:after[t]].sum()) for t in range(trainer.num_tasks)]
         succ = [float(row["collect/success_rate"])]  # the iteration's mean over its collected paths
         record(it, float(row["meta_test/success_rate"]), succ, goal, t0)
 else:
@@ -92,7 +94,7 @@ else:
         before = [bufs[t]._size for t in range(trainer.num_tasks)]
         alg.training_mode(True)
         release_collect(alg)
-        goal = sum(int(bufs[t]._terminals[before[t]:bufs[t]._size].sum()) for t in range(trainer.num_tasks))
+        goal = [int(bufs[t]._terminals[before[t]:bufs[t]._size].sum()) for t in range(trainer.num_tasks)]
         alg.compute_log_Z()
         for _ in range(alg.num_train_steps_per_itr):
             alg._do_training(np.random.choice(alg.train_tasks, alg.meta_batch))
