@@ -25,12 +25,13 @@ sys.path.insert(0, rel_dir)
 sys.path.append(rel_site)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from metarelabel.checkpoint import list_checkpoints  # noqa: E402
 from metarelabel.trainer import load_trainer  # noqa: E402
 
 # a copy: extending a run rewrites its config.json, and several of these may run at once
 copy_dir = os.path.join(tempfile.mkdtemp(), "run")
 shutil.copytree(run_dir, copy_dir, ignore=shutil.ignore_patterns("tb"))
-start = max(int(f[5:11]) for f in os.listdir(os.path.join(copy_dir, "checkpoints")) if f.endswith(".pt"))
+start = int(list_checkpoints(os.path.join(copy_dir, "checkpoints"))[-1].stem.split("_")[1])  # ckpt_<iteration>.pt
 trainer, _ = load_trainer(copy_dir, echo=lambda *a, **k: None, num_iterations=start + K)
 cfg = trainer.cfg
 assert trainer.iteration == start and cfg.eval_every == 1
